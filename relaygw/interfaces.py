@@ -1,0 +1,139 @@
+"""
+relaygw's own seams.  Twisted's contracts are reused where they exist
+(ICredentialsChecker, IRealm, IResolver, IService); these are only for
+relaygw's own seams.  Each docstring is the contract.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+
+class IConnectorSelector(Interface):
+    """
+    Chooses the receive connector for a connection (SPEC section 2,
+    "Choosing the receive connector").  Pure: no I/O, no Twisted.
+    """
+
+    def select(local_host: str, local_port: int, remote_ip: str) -> object:
+        """
+        @param local_host: the local address the connection arrived at, as
+            C{transport.getHost().host} gives it (IPv4-mapped IPv6 allowed).
+        @param local_port: the local port.
+        @param remote_ip: the client's address (IPv4-mapped IPv6 allowed; it
+            is matched as IPv4).
+        @return: a L{relaygw.connectors.selector.Selection} (the winner, its
+            matching range and the candidates it beat), or C{None} when no
+            enabled connector on that binding has a range holding the client.
+        """
+
+
+class IMessageWriter(Interface):
+    """
+    One message being received into the spool.  Obtained from
+    L{ISpool.begin}; exactly one of L{commit} or L{abort} ends it.
+    """
+
+    queue_id = Attribute("The internal queue id reserved for this message (str).")
+    size = Attribute("Octets written so far (int).")
+
+    def write(data: bytes) -> None:
+        """
+        Append C{data} to the message file (synchronously, buffered).
+
+        @raise OSError: the spool cannot take it; the caller answers 452 4.3.1
+            and calls L{abort}.
+        """
+
+    def commit(envelope: object) -> None:
+        """
+        Make the message durable: flush and fsync the data file, write the
+        L{relaygw.spool.envelope.Envelope} (its C{id} is L{queue_id}) to a
+        temporary file, fsync it, rename it into place (the commit marker),
+        fsync the directory.  Only after this returns may the client get 250.
+        Then the spool's subscribers are told (L{ISpool.subscribe}).
+
+        @raise OSError: nothing was acknowledged; partial files are removed.
+        """
+
+    def abort() -> None:
+        """Remove whatever was written.  Idempotent; never raises."""
+
+
+class ISpool(Interface):
+    """
+    The durable queue between the receive side and the send side.
+
+    A committed entry is a data file plus an envelope file; the envelope is
+    written last, so an entry without one is partial and is removed by
+    L{recover}.
+    """
+
+    def begin() -> IMessageWriter:
+        """
+        Reserve a new queue id and open its data file.
+
+        @raise OSError: the spool is not writable.
+        """
+
+    def recover() -> list[object]:
+        """
+        Remove partial entries and temporary files left by a crash; return
+        the envelopes of all committed entries, oldest first.  Called once at
+        start, before anything is received or delivered.
+        """
+
+    def load(queue_id: str) -> object:
+        """
+        @return: the L{relaygw.spool.envelope.Envelope} of a committed entry.
+        @raise KeyError: no such entry.
+        """
+
+    def data_path(queue_id: str) -> object:
+        """@return: the L{pathlib.Path} of the entry's message data (read-only use)."""
+
+    def update(envelope: object) -> None:
+        """
+        Atomically replace an entry's envelope (temp file, fsync, rename).
+
+        @raise KeyError: no such entry.
+        """
+
+    def remove(queue_id: str) -> None:
+        """Delete an entry (envelope first, then data).  Idempotent."""
+
+    def subscribe(callback: object) -> None:
+        """
+        Call C{callback(envelope)} after every commit, in the committing
+        thread (the reactor thread).  The callback must not raise.
+        """
+
+
+class IRouter(Interface):
+    """Recipient to route name.  Pure."""
+
+    def route(address: str) -> str:
+        """
+        @param address: a recipient address (local@domain).
+        @return: the route name: the accepted domain's route, else the
+            gateway's C{default_route}.
+        @raise LookupError: no route applies (no accepted domain and no default).
+        """
+
+
+class IDeliveryTarget(Interface):
+    """
+    Delivers one message to some recipients over one route: one transaction
+    per destination.  Never raises: every failure becomes an outcome.
+    """
+
+    def deliver(envelope: object, recipients: object, data_path: object) -> object:
+        """
+        @param envelope: the L{relaygw.spool.envelope.Envelope}.
+        @param recipients: the addresses (a sequence of str) to deliver now,
+            all routed to this target.
+        @param data_path: the L{pathlib.Path} of the message data.
+        @return: a L{twisted.internet.defer.Deferred} firing with a dict
+            mapping each address in C{recipients} to an
+            L{relaygw.spool.envelope.Outcome}.
+        """
