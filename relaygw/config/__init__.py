@@ -2,6 +2,8 @@
 relaygw's configuration: the frozen model and L{load}.
 """
 
+from typing import TYPE_CHECKING
+
 from relaygw.config._model import (
     DNS,
     RIGHTS,
@@ -45,6 +47,10 @@ __all__ = [
     "load",
     "load_default",
 ]
+
+
+if TYPE_CHECKING:
+    from relaygw.config._load import load, load_default
 
 
 def __getattr__(name: str) -> object:
