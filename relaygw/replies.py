@@ -115,6 +115,15 @@ TLS_UNAVAILABLE = _r(454, "4.7.0", "TLS not available due to temporary reason")
 TLS_ALREADY = _r(503, "5.5.1", "TLS already active")
 BAD_SIZE_PARAM = _r(501, "5.5.4", "Invalid SIZE parameter")
 BAD_PARAMETER = _r(555, "5.5.4", "Unsupported parameter")
+BAD_SEQUENCE = _r(503, "5.5.1", "Bad sequence of commands")
+HELP = _r(
+    214,
+    "",
+    "This server supports the following commands:\n"
+    "HELO EHLO STARTTLS RCPT DATA RSET MAIL QUIT HELP AUTH BDAT",
+)
+#: An unexpected fault while handling a command; the session stays usable.
+INTERNAL_ERROR = _r(451, "4.3.0", "Temporary server error, please try again later")
 
 
 def bye(fqdn: str) -> Reply:

@@ -1,0 +1,126 @@
+"""
+The server factory of the receive side: one per listening binding.
+
+It holds what sessions share: the configuration and the connector selector
+(swapped by L{SessionFactory.reconfigure}, for new sessions only), the
+spool, the reactor, the TLS options per connector, the AUTH portal, and the
+per-connector connection counters and message rate limiters.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.protocol import ServerFactory
+from twisted.logger import Logger
+
+from relaygw.config._model import Config, Connector
+from relaygw.interfaces import IConnectorSelector, ISpool
+from relaygw.session.limits import ConnectionCounter, RateLimiter
+from relaygw.session.protocol import Session
+
+__all__ = ["SessionFactory"]
+
+TLSOptionsMaker = Callable[[Connector], "object | None"]
+
+
+class SessionFactory(ServerFactory):
+    """
+    Builds a L{Session} per connection.
+
+    @ivar config: the configuration new sessions get.
+    @ivar selector: the connector selector new sessions ask.
+    @ivar spool: where accepted messages go.
+    @ivar portal: the twisted.cred portal for AUTH, or C{None} (no AUTH).
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        *,
+        selector: IConnectorSelector,
+        config: Config,
+        spool: ISpool,
+        reactor: IReactorTime,
+        tls_options: TLSOptionsMaker | None = None,
+        portal: object | None = None,
+    ) -> None:
+        """
+        @param tls_options: C{tls_options(connector)} gives the server TLS
+            options for C{transport.startTLS}, or C{None} when the connector
+            has no usable certificate.  C{None} here: no TLS at all.
+        """
+        self.selector = selector
+        self.config = config
+        self.spool = spool
+        self.portal = portal
+        self._reactor = reactor
+        self._tls_options = tls_options
+        self._tls_cache: dict[Connector, object | None] = {}
+        self._counters: dict[str, tuple[tuple[int, int], ConnectionCounter]] = {}
+        self._limiters: dict[str, tuple[object, RateLimiter]] = {}
+        self._serial = itertools.count(1)
+        self._boot = int(reactor.seconds())
+
+    @property
+    def reactor(self) -> IReactorTime:
+        """The injected reactor (time, and C{callLater} for timeouts)."""
+        return self._reactor
+
+    def buildProtocol(self, addr: IAddress | None) -> Session:
+        return Session(self, self.config, self.selector)
+
+    def reconfigure(self, config: Config, selector: IConnectorSelector) -> None:
+        """
+        Use C{config} and C{selector} for sessions that start from now on;
+        sessions in progress keep what they started with.  TLS options are
+        rebuilt on next use (certificates may have changed).
+        """
+        self.config = config
+        self.selector = selector
+        self._tls_cache.clear()
+
+    def session_id(self) -> str:
+        """A new session id, unique within this process run (hex, sortable)."""
+        return f"{self._boot:08X}{next(self._serial):08X}"
+
+    def tls_options(self, connector: Connector) -> object | None:
+        """
+        The server TLS options for C{connector} (cached), or C{None} when it
+        has no usable certificate; a failure to build them is logged once
+        per configuration and treated as no certificate.
+        """
+        if self._tls_options is None:
+            return None
+        if connector not in self._tls_cache:
+            try:
+                options = self._tls_options(connector)
+            except Exception:
+                self._log.failure(
+                    "TLS options for connector {connector} cannot be built",
+                    connector=connector.name,
+                )
+                options = None
+            self._tls_cache[connector] = options
+        return self._tls_cache[connector]
+
+    def connection_counter(self, connector: Connector) -> ConnectionCounter:
+        """The connection counter of C{connector}, kept across reconfigures while its limits stay."""
+        limits = (connector.max_connections, connector.max_connections_per_ip)
+        held = self._counters.get(connector.name)
+        if held is None or held[0] != limits:
+            held = (limits, ConnectionCounter(*limits))
+            self._counters[connector.name] = held
+        return held[1]
+
+    def rate_limiter(self, connector: Connector) -> RateLimiter:
+        """The message rate limiter of C{connector}, kept across reconfigures while its rate stays."""
+        rate = connector.message_rate_limit
+        held = self._limiters.get(connector.name)
+        if held is None or held[0] != rate:
+            held = (rate, RateLimiter(rate, self._reactor))
+            self._limiters[connector.name] = held
+        return held[1]

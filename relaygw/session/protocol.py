@@ -1,0 +1,711 @@
+"""
+The ESMTP receive session: relaygw's own state machine (DESIGN habit 14).
+
+Input is split into command lines here (CRLF, bare LF tolerated), and each
+line is dispatched to a C{do_<VERB>} method that returns the L{Reply}.  DATA
+and BDAT switch to raw mode: chunks go to L{relaygw.accept.intake} as they
+arrive.  Replies produced while handling one received chunk are written
+together (PIPELINING).
+
+Bad-command rule: every 4xx or 5xx reply to a command (the reply to a BDAT
+chunk and to the end of DATA included) counts as an error, every other reply
+resets the count; the reply that would be the tenth error in a row is
+replaced by 421 4.7.0 and the connection closes.  Replies that close the
+connection anyway (421s, 500 5.5.2 for a long line) are sent as they are.
+
+Other decisions: STARTTLS needs a greeting first and resets HELO, envelope and
+user; a refused BDAT chunk is still read (its size is known) and ends the
+transaction (RFC 3030 section 4.2); BDAT data is checked for bare CR/LF
+unless MAIL said C{BODY=BINARYMIME}; the message rate token is taken before
+the MAIL policy check; MAIL's C{AUTH=} parameter is ignored (RFC 4954
+section 5), other unknown parameters get 555.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from datetime import datetime, timezone
+from email.utils import formatdate
+from typing import TYPE_CHECKING, Any, Callable, cast
+
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    ISystemHandle,
+    IOpenSSLServerConnectionCreator,
+    ITLSTransport,
+)
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from relaygw import replies
+from relaygw.accept.intake import DataDecoder, MessageIntake, Transaction
+from relaygw.auth.user import AuthenticatedUser
+from relaygw.config._model import Config, Connector
+from relaygw.errors import DeferReply, RejectReply
+from relaygw.interfaces import IConnectorSelector
+from relaygw.replies import Reply
+from relaygw.session.address import AddressError, parse_mail_from, parse_rcpt_to
+from relaygw.session.headers import message_id, received_header, with_keyword
+from relaygw.session.limits import ConnectionCounter
+from relaygw.session.policy import Policy
+from relaygw.session.rights import session_rights
+from relaygw.spool.envelope import TLSInfo
+
+if TYPE_CHECKING:
+    from relaygw.connectors.selector import Selection
+    from relaygw.session.factory import SessionFactory
+
+__all__ = ["MAX_BAD_COMMANDS", "MAX_LINE", "Session"]
+
+#: Longest command line in octets, CRLF excluded (SPEC section 3).
+MAX_LINE = 2000
+#: The bad command that closes the connection.
+MAX_BAD_COMMANDS = 10
+_BODY_TYPES = frozenset({"7BIT", "8BITMIME", "BINARYMIME"})
+
+
+def plain_ip(host: str) -> str:
+    """An address as shown to people: IPv4-mapped IPv6 as IPv4; other text unchanged."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+def _seconds(value: float) -> float | None:
+    return value if value > 0 else None
+
+
+@implementer(IHandshakeListener)
+class Session(Protocol, TimeoutMixin):
+    """
+    One ESMTP session on the connector chosen for it at connect time.
+
+    @ivar connector: the connector, once chosen.
+    @ivar user: the authenticated user, C{None} before (or without) AUTH.
+    @ivar helo: the HELO/EHLO argument, C{None} until greeted.
+    @ivar tls: the negotiated TLS, once the handshake completed.
+    @ivar session_id: the id used in logs.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self, factory: SessionFactory, config: Config, selector: IConnectorSelector
+    ) -> None:
+        self._factory = factory
+        self._config = config
+        self._selector = selector
+        self._reactor = factory.reactor
+        self.session_id = factory.session_id()
+        self.connector: Connector | None = None
+        self._policy: Policy | None = None
+        self.user: AuthenticatedUser | None = None
+        self.helo: str | None = None
+        self.tls: TLSInfo | None = None
+        self._esmtp = False
+        self._tls_active = False
+        self._txn: Transaction | None = None
+        self._intake: MessageIntake | None = None
+        self._decoder: DataDecoder | None = None
+        self._mode = "command"
+        self._buf = b""
+        self._out: list[bytes] = []
+        self._errors = 0
+        self._closing = False
+        self._lost = False
+        self._discard_rest = False
+        self._bdat_left = 0
+        self._bdat_size = 0
+        self._bdat_last = False
+        self._bdat_refusal: Reply | None = None
+        self._counter: ConnectionCounter | None = None
+        self._client_ip = ""
+        self._client_port = 0
+        self._verbose = False
+
+    # -- Twisted plumbing ---------------------------------------------------
+
+    def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
+        """TimeoutMixin's timer, on the injected reactor (DESIGN habit 1)."""
+        return self._reactor.callLater(period, func)
+
+    def _set_timeout(self, seconds: float | None) -> None:
+        self.setTimeout(seconds)  # type: ignore[no-untyped-call]
+
+    @property
+    def _c(self) -> Connector:
+        assert self.connector is not None
+        return self.connector
+
+    def _fields(self) -> dict[str, Any]:
+        return {
+            "connector": self.connector.name if self.connector else None,
+            "session_id": self.session_id,
+            "peer": f"{self._client_ip}:{self._client_port}",
+        }
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        host, peer = self.transport.getHost(), self.transport.getPeer()
+        local_host, local_port = getattr(host, "host", ""), getattr(host, "port", 0)
+        self._client_ip = plain_ip(getattr(peer, "host", ""))
+        self._client_port = getattr(peer, "port", 0)
+        try:
+            selection = cast(
+                "Selection | None",
+                self._selector.select(local_host, local_port, getattr(peer, "host", "")),
+            )
+        except ValueError:  # not an IP transport
+            selection = None
+        if selection is None:
+            self._log.warn(
+                "connection from {peer} to {local} refused: no connector",
+                event="receive.refused", reason="no-connector",
+                local=f"{local_host}:{local_port}", **self._fields(),
+            )
+            self._mode = "closed"
+            self.transport.loseConnection()
+            return
+        connector = self.connector = selection.connector
+        self._policy = Policy(connector, self._config.accepted_domains)
+        self._verbose = connector.protocol_logging == "verbose"
+        if connector.tls == "implicit":
+            options = self._factory.tls_options(connector)
+            if options is None:
+                self._log.error(
+                    "connection from {peer} closed: connector {connector} has no usable "
+                    "certificate for implicit TLS",
+                    event="receive.refused", reason="no-certificate", **self._fields(),
+                )
+                self._mode = "closed"
+                self.transport.loseConnection()
+                return
+            cast(ITLSTransport, self.transport).startTLS(
+                cast(IOpenSSLServerConnectionCreator, options)
+            )
+            self._tls_active = True
+        counter = self._factory.connection_counter(connector)
+        if not counter.acquire(self._client_ip):
+            self._log.warn(
+                "connection from {peer} refused: connection limit of {connector}",
+                event="receive.refused", reason="connection-limit",
+                smtp_code=replies.CONNECTION_LIMIT.code, **self._fields(),
+            )
+            self._send(replies.CONNECTION_LIMIT)
+            self._close()
+            self._flush()
+            return
+        self._counter = counter
+        self._log.info(
+            "connection from {peer} accepted by connector {connector}",
+            event="receive.connect", local=f"{local_host}:{local_port}", **self._fields(),
+        )
+        self._set_timeout(_seconds(connector.timeouts.command.total_seconds()))
+        self._send(replies.greeting(self._banner(connector)))
+        self._flush()
+
+    def _banner(self, connector: Connector) -> str:
+        try:
+            return connector.banner.format(
+                fqdn=connector.fqdn,
+                connector=connector.name,
+                date=formatdate(self._reactor.seconds(), usegmt=True),
+            )
+        except (KeyError, IndexError, ValueError):
+            return connector.banner
+
+    def handshakeCompleted(self) -> None:
+        """Record the negotiated TLS version and cipher (pyOpenSSL connection)."""
+        try:
+            handle = cast(ISystemHandle, self.transport).getHandle()
+            self.tls = TLSInfo(
+                str(handle.get_protocol_version_name()),  # type: ignore[attr-defined]
+                str(handle.get_cipher_name()),  # type: ignore[attr-defined]
+            )
+        except Exception:
+            self._log.failure("TLS details unavailable", **self._fields())
+            return
+        self._log.info(
+            "TLS {tls_version} {tls_cipher} negotiated with {peer}",
+            event="receive.tls", tls_version=self.tls.version, tls_cipher=self.tls.cipher,
+            **self._fields(),
+        )
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self._lost = True
+        self._set_timeout(None)
+        self._abort_message()
+        if self._counter is not None:
+            self._counter.release(self._client_ip)
+            self._counter = None
+            self._log.info("connection from {peer} closed", event="receive.disconnect",
+                           **self._fields())
+        self._mode = "closed"
+
+    def timeoutConnection(self) -> None:
+        if self._closing or self.connector is None:
+            return
+        self._log.info("session with {peer} timed out in {mode} mode",
+                       event="receive.timeout", mode=self._mode, **self._fields())
+        self._send(replies.timeout(self._c.fqdn))
+        self._close()
+        self._flush()
+
+    # -- input --------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing or self._mode == "closed":
+            return
+        self.resetTimeout()  # type: ignore[no-untyped-call]
+        try:
+            while data and not self._closing:
+                if self._mode == "data":
+                    data = self._data_received(data)
+                elif self._mode == "bdat":
+                    data = self._bdat_received(data)
+                else:
+                    data = self._lines_received(data)
+        except Exception:
+            self._log.failure("unexpected error in session with {peer}", **self._fields())
+            self._send(replies.INTERNAL_ERROR)
+            self._close()
+        finally:
+            self._flush()
+
+    def _lines_received(self, data: bytes) -> bytes:
+        """Handle complete command lines; return what follows a switch to raw mode."""
+        buf = self._buf + data if self._buf else data
+        self._buf = b""
+        pos = 0
+        while True:
+            nl = buf.find(b"\n", pos)
+            if nl < 0:
+                rest = buf[pos:]
+                if len(rest) > MAX_LINE + 1 or (len(rest) == MAX_LINE + 1 and rest[-1:] != b"\r"):
+                    self._line_too_long()
+                else:
+                    self._buf = rest
+                return b""
+            end = nl - 1 if nl > pos and buf[nl - 1] == 0x0D else nl
+            if end - pos > MAX_LINE:
+                self._line_too_long()
+                return b""
+            line = buf[pos:end]
+            pos = nl + 1
+            self._command(line)
+            if self._discard_rest:
+                self._discard_rest = False
+                return b""
+            if self._closing:
+                return b""
+            if self._mode != "command":
+                return buf[pos:]
+
+    def _line_too_long(self) -> None:
+        self._log.warn("command line over {limit} octets from {peer}", limit=MAX_LINE,
+                       event="receive.protocol-error", **self._fields())
+        self._send(replies.LINE_TOO_LONG)
+        self._close()
+
+    def _command(self, line: bytes) -> None:
+        text = line.decode("utf-8", "surrogateescape")
+        verb, _, args = text.partition(" ")
+        verb = verb.upper()
+        handler = None
+        if verb.isascii() and verb.isalpha():
+            handler = getattr(self, "do_" + verb, None)
+        if self._verbose:
+            # Never log AUTH payloads, nor unknown lines: a confused client's
+            # next line may be its base64 password.
+            if handler is None:
+                shown = "(unrecognized command)"
+            elif verb == "AUTH":
+                shown = f"AUTH {args.split(' ', 1)[0]} ****"
+            else:
+                shown = text
+            self._log.debug("< {data}", event="receive.command", data=shown, **self._fields())
+        if handler is None:
+            self._answer(replies.UNRECOGNIZED)
+            return
+        try:
+            reply = handler(args.strip())
+        except Exception:
+            self._log.failure("unexpected error handling {verb} from {peer}", verb=verb,
+                              **self._fields())
+            reply = replies.INTERNAL_ERROR
+        if reply is not None:
+            self._answer(reply)
+
+    # -- output -------------------------------------------------------------
+
+    def _answer(self, reply: Reply, close: bool = False) -> None:
+        """Send the reply to a command, applying the bad-command rule."""
+        if reply.code >= 400 and not close:
+            self._errors += 1
+            if self._errors >= MAX_BAD_COMMANDS:
+                self._log.warn("too many bad commands from {peer}",
+                               event="receive.protocol-error", **self._fields())
+                reply, close = replies.TOO_MANY_ERRORS, True
+        elif reply.code < 400:
+            self._errors = 0
+        self._send(reply)
+        if close:
+            self._close()
+
+    def _send(self, reply: Reply) -> None:
+        self._out.append(bytes(reply))
+        if self._verbose:
+            self._log.debug("> {data}", event="receive.reply", data=str(reply),
+                            smtp_code=reply.code, enhanced_code=reply.enhanced,
+                            **self._fields())
+
+    def _close(self) -> None:
+        self._closing = True
+        self._abort_message()
+        self._set_timeout(None)
+
+    def _flush(self) -> None:
+        if self._out and not self._lost and self.transport is not None:
+            self.transport.write(b"".join(self._out))
+        self._out.clear()
+        if self._closing and self._mode != "closed" and not self._lost and self.transport:
+            self._mode = "closed"
+            self.transport.loseConnection()
+
+    # -- session state ------------------------------------------------------
+
+    def _rights(self) -> frozenset[str]:
+        return session_rights(self._c, self.user)
+
+    def _abort_message(self) -> None:
+        if self._intake is not None:
+            self._intake.abort()
+            self._intake = None
+        self._decoder = None
+
+    def _reset_transaction(self) -> None:
+        self._abort_message()
+        self._txn = None
+
+    def _set_command_mode(self) -> None:
+        self._mode = "command"
+        self._set_timeout(_seconds(self._c.timeouts.command.total_seconds()))
+
+    def _set_raw_mode(self, mode: str) -> None:
+        self._mode = mode
+        self._set_timeout(_seconds(self._c.timeouts.data.total_seconds()))
+
+    def _auth_offered(self) -> bool:
+        c = self._c
+        return (
+            self._factory.portal is not None
+            and self.user is None
+            and bool(c.auth_mechanisms)
+            and (self._tls_active or c.allow_plaintext_auth)
+        )
+
+    # -- commands -----------------------------------------------------------
+
+    def do_HELO(self, args: str) -> Reply:
+        if not args:
+            return replies.SYNTAX_ERROR
+        self._reset_transaction()
+        self.helo, self._esmtp = args, False
+        return replies.helo(self._c.fqdn, self._client_ip)
+
+    def do_EHLO(self, args: str) -> Reply:
+        if not args:
+            return replies.SYNTAX_ERROR
+        self._reset_transaction()
+        self.helo, self._esmtp = args, True
+        c = self._c
+        keywords = [f"SIZE {c.max_message_size}", "PIPELINING", "8BITMIME",
+                    "ENHANCEDSTATUSCODES", "SMTPUTF8"]
+        if (c.tls == "starttls" and not self._tls_active
+                and self._factory.tls_options(c) is not None):
+            keywords.append("STARTTLS")
+        if self._auth_offered():
+            keywords.append("AUTH " + " ".join(c.auth_mechanisms))
+        keywords.append("CHUNKING")
+        return replies.ehlo(c.fqdn, self._client_ip, keywords)
+
+    def do_STARTTLS(self, args: str) -> Reply | None:
+        c = self._c
+        if self._tls_active:
+            return replies.TLS_ALREADY
+        if c.tls != "starttls":
+            return replies.UNRECOGNIZED
+        if args:
+            return replies.SYNTAX_ERROR
+        if self.helo is None:
+            return replies.NEED_HELO
+        options = self._factory.tls_options(c)
+        if options is None:
+            return replies.TLS_UNAVAILABLE
+        self._answer(replies.TLS_READY)
+        self._flush()
+        # Plaintext pipelined after STARTTLS is discarded (command injection).
+        self._discard_rest = True
+        cast(ITLSTransport, self.transport).startTLS(
+                cast(IOpenSSLServerConnectionCreator, options)
+            )
+        self._tls_active = True
+        self._reset_transaction()
+        self.helo, self._esmtp, self.user = None, False, None
+        return None
+
+    def do_AUTH(self, args: str) -> Reply:
+        # Issue 3 brings SASL; until then no mechanism is available.
+        return replies.AUTH_MECHANISM
+
+    def do_MAIL(self, args: str) -> Reply | None:
+        if self.helo is None:
+            return replies.NEED_HELO
+        if self._txn is not None:
+            return replies.DUPLICATE_MAIL
+        try:
+            sender, params = parse_mail_from(args)
+        except AddressError as e:
+            return e.reply
+        c = self._c
+        body, smtputf8 = "7BIT", False
+        for key, value in params.items():
+            if key == "SIZE":
+                if value is None or not value.isdigit() or len(value) > 20:
+                    return replies.BAD_SIZE_PARAM
+                if int(value) > c.max_message_size:
+                    return replies.TOO_BIG
+            elif key == "BODY":
+                if value is None or value.upper() not in _BODY_TYPES:
+                    return replies.SYNTAX_ERROR
+                body = value.upper()
+            elif key == "SMTPUTF8":
+                if value is not None:
+                    return replies.SYNTAX_ERROR
+                smtputf8 = True
+            elif key != "AUTH":  # RFC 4954 section 5: AUTH= may be ignored
+                return replies.BAD_PARAMETER
+        if sender is not None and not smtputf8 and not str(sender).isascii():
+            return replies.BAD_SENDER_SYNTAX
+        key = f"user:{self.user.name}" if self.user else f"ip:{self._client_ip}"
+        if not self._factory.rate_limiter(c).allow(key):
+            self._log.warn("message rate limit reached for {rate_key}", rate_key=key,
+                           event="receive.rate-limited", **self._fields())
+            self._answer(replies.rate_limited(c.fqdn), close=True)
+            return None
+        assert self._policy is not None
+        reply = self._policy.check_mail(rights=self._rights(), user=self.user, sender=sender,
+                                        tls_active=self._tls_active)
+        if reply.code < 400:
+            self._txn = Transaction(sender, body=body, smtputf8=smtputf8)
+        return reply
+
+    def do_RCPT(self, args: str) -> Reply:
+        if self.helo is None:
+            return replies.NEED_HELO
+        txn = self._txn
+        if txn is None:
+            return replies.NEED_MAIL
+        if txn.mode is not None:
+            return replies.BAD_SEQUENCE
+        try:
+            recipient, params = parse_rcpt_to(args)
+        except AddressError as e:
+            return e.reply
+        if params:
+            return replies.BAD_PARAMETER
+        if not txn.smtputf8 and not str(recipient).isascii():
+            return replies.BAD_RECIPIENT_SYNTAX
+        assert self._policy is not None
+        reply = self._policy.check_rcpt(rights=self._rights(), recipient=recipient,
+                                        accepted_so_far=len(txn.recipients))
+        if reply.code < 400:
+            txn.recipients.append(recipient)
+        return reply
+
+    def do_DATA(self, args: str) -> Reply:
+        if args:
+            return replies.SYNTAX_ERROR
+        refusal = self._data_refusal()
+        if refusal is not None:
+            return refusal
+        if self._txn is not None and self._txn.mode == "BDAT":
+            return replies.BDAT_MIXED
+        if not self._start_message(check_line_ends=True):
+            return replies.SPOOL_FAILED
+        assert self._txn is not None
+        self._txn.mode = "DATA"
+        self._decoder = DataDecoder()
+        self._set_raw_mode("data")
+        return replies.START_DATA
+
+    def do_BDAT(self, args: str) -> Reply | None:
+        parts = args.split()
+        if (not 1 <= len(parts) <= 2 or not parts[0].isdigit() or len(parts[0]) > 18
+                or (len(parts) == 2 and parts[1].upper() != "LAST")):
+            return replies.SYNTAX_ERROR
+        self._bdat_size = self._bdat_left = int(parts[0])
+        self._bdat_last = len(parts) == 2
+        self._bdat_refusal = self._data_refusal()
+        if self._bdat_refusal is None and self._intake is None:
+            assert self._txn is not None
+            if not self._start_message(check_line_ends=self._txn.body != "BINARYMIME"):
+                self._bdat_refusal = replies.SPOOL_FAILED
+            else:
+                self._txn.mode = "BDAT"
+        self._set_raw_mode("bdat")
+        if self._bdat_left == 0:
+            self._end_chunk()
+        return None
+
+    def do_RSET(self, args: str) -> Reply:
+        self._reset_transaction()
+        return replies.RESET_OK
+
+    def do_NOOP(self, args: str) -> Reply:
+        return replies.OK
+
+    def do_QUIT(self, args: str) -> None:
+        self._answer(replies.bye(self._c.fqdn), close=True)
+
+    def do_VRFY(self, args: str) -> Reply:
+        return replies.VRFY_REFUSED
+
+    def do_HELP(self, args: str) -> Reply:
+        return replies.HELP
+
+    # -- message data -------------------------------------------------------
+
+    def _data_refusal(self) -> Reply | None:
+        if self.helo is None:
+            return replies.NEED_HELO
+        if self._txn is None:
+            return replies.NEED_MAIL
+        if not self._txn.recipients:
+            return replies.NEED_RCPT
+        return None
+
+    def _start_message(self, *, check_line_ends: bool) -> bool:
+        """Open a spool entry for the transaction; C{False} when the spool fails."""
+        txn, c = self._txn, self._c
+        assert txn is not None and self.helo is not None
+        try:
+            writer = self._factory.spool.begin()
+        except OSError as e:
+            self._log.error("spool unavailable: {error}", error=str(e),
+                            event="receive.spool-error", **self._fields())
+            return False
+        try:
+            received = received_header(
+                helo=self.helo,
+                client_ip=self._client_ip,
+                by_fqdn=c.fqdn,
+                with_=with_keyword(esmtp=self._esmtp, tls=self._tls_active,
+                                   auth=self.user is not None, smtputf8=txn.smtputf8),
+                queue_id=writer.queue_id,
+                recipient=str(txn.recipients[0]) if len(txn.recipients) == 1 else None,
+                tls=self.tls if self._tls_active else None,
+                when=datetime.fromtimestamp(self._reactor.seconds(), timezone.utc),
+            )
+            self._intake = MessageIntake(
+                writer,
+                received=received,
+                new_message_id=message_id(writer.queue_id, c.fqdn),
+                max_size=c.max_message_size,
+                check_line_ends=check_line_ends,
+            )
+        except BaseException:
+            writer.abort()
+            raise
+        return True
+
+    def _data_received(self, data: bytes) -> bytes:
+        assert self._decoder is not None and self._intake is not None
+        content, leftover = self._decoder.feed(data)
+        self._intake.feed(content)
+        if leftover is None:
+            return b""
+        self._end_message()
+        return leftover
+
+    def _bdat_received(self, data: bytes) -> bytes:
+        take = data[: self._bdat_left]
+        self._bdat_left -= len(take)
+        if self._intake is not None and self._bdat_refusal is None:
+            self._intake.feed(take)
+        if self._bdat_left:
+            return b""
+        rest = data[len(take):]
+        self._end_chunk()
+        return rest
+
+    def _end_chunk(self) -> None:
+        self._set_command_mode()
+        if self._bdat_refusal is not None:
+            # RFC 3030 section 4.2: a refused chunk ends the transaction.
+            refusal, self._bdat_refusal = self._bdat_refusal, None
+            self._reset_transaction()
+            self._answer(refusal)
+            return
+        if self._bdat_last:
+            self._end_message()
+            return
+        assert self._intake is not None
+        problem = self._intake.problem
+        if problem is not None:
+            self._refused(problem)
+            self._reset_transaction()
+            return
+        self._answer(replies.bdat_ok(self._bdat_size))
+
+    def _end_message(self) -> None:
+        intake, txn = self._intake, self._txn
+        assert intake is not None and txn is not None
+        self._intake, self._decoder, self._txn = None, None, None
+        self._set_command_mode()
+        try:
+            envelope = intake.finish(
+                lambda message_id, size: txn.envelope(
+                    queue_id=intake.queue_id,
+                    message_id=message_id,
+                    size=size,
+                    connector=self._c.name,
+                    client_ip=self._client_ip,
+                    client_port=self._client_port,
+                    helo=self.helo or "",
+                    auth_user=self.user.name if self.user else None,
+                    tls=self.tls if self._tls_active else None,
+                    received_at=self._reactor.seconds(),
+                )
+            )
+        except (RejectReply, DeferReply) as e:
+            self._refused(e)
+            return
+        except Exception:
+            intake.abort()
+            self._log.failure("unexpected error ending message {queue_id} from {peer}",
+                              queue_id=intake.queue_id, **self._fields())
+            self._answer(replies.INTERNAL_ERROR)
+            return
+        self._log.info(
+            "message {queue_id} {message_id} from <{sender}> queued for {count} recipient(s)",
+            event="receive.queued", queue_id=envelope.id, message_id=envelope.message_id,
+            sender=envelope.sender, count=len(envelope.recipients), size=envelope.size,
+            smtp_code=250, **self._fields(),
+        )
+        self._answer(replies.queued(envelope.message_id, envelope.id, self._c.fqdn))
+
+    def _refused(self, error: RejectReply | DeferReply) -> None:
+        self._log.info(
+            "message refused: {reason}", event="receive.message-refused", reason=error.reason,
+            smtp_code=error.reply.code, enhanced_code=error.reply.enhanced, **self._fields(),
+        )
+        self._answer(error.reply)
