@@ -137,3 +137,43 @@ class IDeliveryTarget(Interface):
             mapping each address in C{recipients} to an
             L{relaygw.spool.envelope.Outcome}.
         """
+
+
+class IDirectory(Interface):
+    """
+    A credential and address store: Active Directory / LDAP (ldap3, in a
+    thread pool) or the local users file.  Implementations never block the
+    reactor and never put a password in a log event or an exception message.
+    """
+
+    def authenticate(username: str, password: str) -> object:
+        """
+        Check a login.  The caller has already refused empty passwords, but
+        implementations refuse them too, before any bind.
+
+        @return: a L{twisted.internet.defer.Deferred} firing with the
+            L{relaygw.auth.user.AuthenticatedUser} (canonical name, addresses,
+            groups, nested groups resolved).
+        @raise twisted.cred.error.UnauthorizedLogin: (as the Deferred's
+            failure) unknown user, wrong password, disabled or locked account.
+        @raise relaygw.interfaces.DirectoryUnavailable: (as the Deferred's
+            failure) no server answered within the timeout.
+        """
+
+    def has_address(address: str) -> object:
+        """
+        @return: a Deferred firing with C{True} when some user or group holds
+            C{address} (AD: mail or proxyAddresses; LDAP: mail; users file:
+            listed addresses), else C{False}; fails with
+            L{DirectoryUnavailable} when no server answers.
+        """
+
+    def check() -> object:
+        """
+        @return: a Deferred firing with C{None} when the directory answers
+            (a service-account bind), failing with L{DirectoryUnavailable}.
+        """
+
+
+class DirectoryUnavailable(Exception):
+    """No directory server answered; the client gets 454 4.7.0 (never 535)."""
