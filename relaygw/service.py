@@ -1,0 +1,313 @@
+"""
+Assembly: the gateway as one L{MultiService}.
+
+Start order (SPEC section 4: nothing is received or delivered before the
+spool is recovered)::
+
+    privilegedStartService   bind every planned socket (root may be needed for
+                             ports below 1024); connections wait for startService
+    startService             create spool and log directories, recover the spool,
+                             build router, targets and scheduler, check or generate
+                             certificates, build the selector and session factory,
+                             then open the sockets to connections
+
+twistd calls both before the reactor runs; when only L{startService} is
+called (tests, embedding), it binds the sockets itself, last.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IAddress, IListeningPort
+from twisted.internet.protocol import ServerFactory
+from twisted.logger import Logger
+
+from relaygw._types import IServeReactor
+from relaygw.config._model import Config, Connector
+from relaygw.listen.bindings import ListenError, ListenSocket, listen_on, plan_sockets
+from relaygw.listen.tls import ServerTLSOptions, TLSSetupError, ensure_certificate
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IResolver
+    from twisted.internet.protocol import _ProtoWithFactory
+
+    from relaygw.deliver.scheduler import Scheduler
+    from relaygw.session.factory import SessionFactory
+    from relaygw.spool.store import DirectorySpool
+
+__all__ = ["RelayGatewayService", "StartupError", "spool_root"]
+
+
+class StartupError(Exception):
+    """
+    The gateway cannot start: a socket cannot be bound, a certificate file is
+    unusable, a directory cannot be created.  The message says which.
+    """
+
+
+def spool_root(config: Config) -> Path:
+    """
+    The directory of the L{relaygw.spool.store.DirectorySpool}: the
+    configured C{gateway.spool_dir} itself (it holds C{queue/} and C{corrupt/}).
+    """
+    return config.gateway.spool_dir
+
+
+class _Gate(ServerFactory):
+    """
+    The factory every listening socket is bound with.  It hands connections
+    to the session factory once the service has started; before that (a
+    socket bound in privilegedStartService, startService not yet run) it
+    refuses them, so no session runs before the spool is recovered.
+    """
+
+    noisy = False
+
+    def __init__(self) -> None:
+        self.target: ServerFactory | None = None
+
+    def buildProtocol(self, addr: IAddress | None) -> _ProtoWithFactory | None:
+        if self.target is None:
+            return None
+        return self.target.buildProtocol(addr)
+
+
+class RelayGatewayService(MultiService):
+    """
+    The whole gateway: listeners, the session factory, the spool and the
+    delivery scheduler.
+
+    @ivar config: the running configuration.
+    """
+
+    _log = Logger()
+
+    def __init__(self, config: Config, reactor: IServeReactor) -> None:
+        """
+        @param config: a validated configuration.
+        @param reactor: the reactor to listen, connect and keep time with;
+            IPv6 sockets need a real (file-descriptor based) reactor.
+        """
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.config = config
+        self._reactor = reactor
+        self._gate = _Gate()
+        self._ports: list[IListeningPort] = []
+        self._tls = ServerTLSOptions()
+        self._resolver: IResolver | None = None
+        self._spool: DirectorySpool | None = None
+        self._scheduler: Scheduler | None = None
+        self._factory: SessionFactory | None = None
+
+    @property
+    def ports(self) -> tuple[IListeningPort, ...]:
+        """The listening ports, in plan order (empty when not listening)."""
+        return tuple(self._ports)
+
+    def privilegedStartService(self) -> None:
+        """
+        Bind every planned socket, before twistd drops privileges.
+
+        @raise ListenError: a socket cannot be bound; the message names the
+            binding and its connectors, and nothing stays bound.
+        """
+        self._listen()
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
+
+    def startService(self) -> None:
+        """
+        Recover the spool, start delivery, then take connections.
+
+        @raise StartupError: a directory or certificate problem.
+        @raise ListenError: a socket cannot be bound.
+        """
+        try:
+            self._start()
+        except BaseException:
+            self._close_ports()
+            self._drop_resolver()
+            raise
+        super().startService()  # type: ignore[no-untyped-call]
+
+    def _start(self) -> None:
+        from relaygw.connectors.selector import ConnectorSelector
+        from relaygw.session.factory import SessionFactory
+        from relaygw.spool.store import DirectorySpool
+
+        config = self.config
+        root = spool_root(config)
+        for directory in (root, config.gateway.log_dir):
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise StartupError(f"cannot create {directory}: {error.strerror}") from None
+        self._check_certificates(config.connectors)
+        try:
+            spool = DirectorySpool(root, self._reactor)
+            recovered = spool.recover()
+        except OSError as error:
+            raise StartupError(f"cannot use the spool {root}: {error.strerror}") from None
+        self._log.info(
+            "spool {spool_dir}: {count} queued message(s) recovered",
+            spool_dir=str(root),
+            count=len(recovered),
+        )
+        scheduler = self._build_scheduler(spool)
+        factory = SessionFactory(
+            selector=ConnectorSelector(config.connectors),
+            config=config,
+            spool=spool,
+            reactor=self._reactor,
+            tls_options=self._tls_options,
+        )
+        if not self._ports:
+            self._listen()
+        # Nothing above leaves timers or threads behind if it raises; from
+        # here on nothing raises.
+        self._spool, self._scheduler, self._factory = spool, scheduler, factory
+        scheduler.start(recovered)
+        spool.subscribe(scheduler.enqueue)
+        factory.doStart()  # type: ignore[no-untyped-call]
+        self._gate.target = self._factory
+
+    def _build_scheduler(self, spool: DirectorySpool) -> Scheduler:
+        from relaygw.deliver.scheduler import Scheduler
+        from relaygw.deliver.targets import build_target
+        from relaygw.route.router import Router
+
+        config = self.config
+        resolver = self._dns_resolver() if any(r.via == "mx" for r in config.routes) else None
+        targets = {
+            route.name: build_target(
+                route, reactor=self._reactor, resolver=resolver, helo=config.gateway.hostname
+            )
+            for route in config.routes
+        }
+        return Scheduler(
+            spool=spool,
+            router=Router(config),
+            targets=targets,
+            concurrency={route.name: route.max_concurrency for route in config.routes},
+            queue=config.queue,
+            clock=self._reactor,
+        )
+
+    def _dns_resolver(self) -> IResolver:
+        from twisted.names import client
+
+        servers = [(s.host, s.port) for s in self.config.dns.servers]
+        if servers:
+            resolver = client.Resolver(  # type: ignore[no-untyped-call]
+                servers=servers, reactor=self._reactor
+            )
+        else:
+            resolver = client.Resolver(  # type: ignore[no-untyped-call]
+                resolv="/etc/resolv.conf", reactor=self._reactor
+            )
+        self._resolver = resolver
+        return resolver
+
+    def _drop_resolver(self) -> None:
+        if self._resolver is not None:
+            # client.Resolver re-reads resolv.conf from a repeating delayed
+            # call that nothing else cancels.
+            call = getattr(self._resolver, "_parseCall", None)
+            if call is not None and call.active():
+                call.cancel()
+            self._resolver = None
+
+    def _check_certificates(self, connectors: tuple[Connector, ...]) -> None:
+        """
+        Generate missing certificates and load every TLS connector's, so a
+        bad file stops the start rather than the first STARTTLS.
+        """
+        for connector in connectors:
+            if not connector.enabled or connector.tls == "off" or connector.certificate is None:
+                continue
+            try:
+                ensure_certificate(connector.certificate, connector.fqdn)
+                self._tls(connector)
+            except TLSSetupError as error:
+                raise StartupError(f"connector {connector.name!r}: {error}") from None
+
+    def _tls_options(self, connector: Connector) -> object | None:
+        """The session factory's view: options, or C{None} when unusable now."""
+        try:
+            return self._tls(connector)
+        except TLSSetupError as error:
+            self._log.error(
+                "TLS unavailable on connector {connector}: {problem}",
+                connector=connector.name,
+                problem=str(error),
+            )
+            return None
+
+    def _listen(self) -> None:
+        """Bind every planned socket, or none: on failure, close those bound."""
+        plans = plan_sockets(self.config.connectors)
+        try:
+            for plan in plans:
+                self._ports.append(listen_on(self._reactor, plan, self._gate))
+                self._log_listening(plan)
+        except ListenError as error:
+            self._log.error("{problem}", problem=str(error), binding=str(error.socket.binding))
+            self._close_ports()
+            raise
+
+    def _log_listening(self, plan: ListenSocket) -> None:
+        mode = ""
+        if plan.binding.version == 6 and plan.binding.is_wildcard:
+            mode = " (IPv6 only)" if plan.v6only else " (dual-stack)"
+        self._log.info(
+            "listening on {binding}{mode} for {connectors}",
+            binding=str(plan.binding),
+            mode=mode,
+            connectors=", ".join(plan.connectors),
+        )
+
+    def _close_ports(self) -> list[Deferred[None]]:
+        ports, self._ports = self._ports, []
+        self._gate.target = None
+        waits: list[Deferred[None]] = []
+        for port in ports:
+            result = port.stopListening()
+            if isinstance(result, Deferred):
+                result.addErrback(
+                    lambda failure: self._log.failure("closing a listener", failure)
+                )
+                waits.append(result)
+        return waits
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop listening, then stop delivery (the scheduler waits, bounded, for
+        attempts in progress).
+
+        @return: a Deferred firing when all of that is done.
+        """
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        waits = self._close_ports()
+        if waits:
+            await DeferredList(waits, consumeErrors=True)
+        self._log.info("stopped listening")
+        await _maybe(super().stopService())  # type: ignore[no-untyped-call]
+        if self._scheduler is not None:
+            await self._scheduler.stop()
+            self._scheduler = None
+        if self._factory is not None:
+            self._factory.doStop()  # type: ignore[no-untyped-call]
+            self._factory = None
+        self._drop_resolver()
+        self._spool = None
+        self._log.info("relaygw stopped")
+
+
+async def _maybe(result: object) -> None:
+    if isinstance(result, Deferred):
+        await result
