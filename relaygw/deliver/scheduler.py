@@ -1,0 +1,349 @@
+"""
+The queue manager (SPEC section 4): when each spooled message is tried, how
+many are tried at once, and what becomes of each recipient.
+
+An in-memory schedule of queue ids by next attempt time (a heap, and one
+C{callLater} for the earliest entry) in front of the durable spool: the spool
+is the truth, the schedule is rebuilt from it at start (L{Scheduler.start}).
+At most C{max_active} messages are in flight, and at most
+C{concurrency[route]} deliveries per route.
+
+An attempt loads the envelope, groups its queued recipients by route, calls
+each route's target once with all of that route's recipients, records the
+outcomes in the envelope, and then removes the entry (nothing queued) or
+writes it back with its next attempt time.  A failure anywhere leaves the
+entry in the spool and schedules it again: a message is never lost here.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import re
+from typing import Iterable, Mapping, cast
+
+from attrs import evolve
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from relaygw.config._model import Queue
+from relaygw.deliver import outcome as _o
+from relaygw.interfaces import IDeliveryTarget, IRouter, ISpool
+from relaygw.spool.envelope import Envelope, Outcome
+
+__all__ = ["Scheduler"]
+
+_CODES = re.compile(r"(\d{3})(?: ([245]\.\d{1,3}\.\d{1,3}))?")
+
+
+def _codes(reply: str) -> tuple[str, str]:
+    """The basic and enhanced code at the start of an outcome's reply."""
+    m = _CODES.match(reply)
+    if m is None:
+        return "", ""
+    return m.group(1), m.group(2) or ""
+
+
+class Scheduler:
+    """
+    Delivers spooled messages on a retry schedule.
+
+    @ivar _due: queue id -> the time of its next attempt, for every id waiting
+        (heap entries that disagree with it are stale and skipped).
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        *,
+        spool: ISpool,
+        router: IRouter,
+        targets: Mapping[str, IDeliveryTarget],
+        concurrency: Mapping[str, int],
+        queue: Queue,
+        clock: IReactorTime,
+        max_active: int = 100,
+        stop_timeout: float = 30.0,
+    ) -> None:
+        """
+        @param spool: the durable queue (load, data_path, update, remove).
+        @param router: recipient -> route name.
+        @param targets: route name -> its delivery target.
+        @param concurrency: route name -> deliveries at once (1 if absent).
+        @param queue: the retry schedule and expiry.
+        @param clock: time and C{callLater}.
+        @param max_active: messages in flight at once.
+        @param stop_timeout: seconds L{stop} waits for deliveries in flight.
+        """
+        self._spool = spool
+        self._clock = clock
+        self._max_active = max(1, max_active)
+        self._stop_timeout = stop_timeout
+        self._heap: list[tuple[float, int, str]] = []
+        self._seq = itertools.count()
+        self._due: dict[str, float] = {}
+        self._active: set[str] = set()
+        self._timer: IDelayedCall | None = None
+        self._stopping = False
+        self._idle: list[Deferred[None]] = []
+        self.reconfigure(router, targets, concurrency, queue)
+
+    # -- public API ---------------------------------------------------------
+
+    def start(self, envelopes: Iterable[Envelope]) -> None:
+        """Schedule the entries recovered from the spool, each at its C{next_attempt}."""
+        for envelope in envelopes:
+            self._schedule(envelope.id, envelope.next_attempt)
+        self._arm()
+
+    def enqueue(self, envelope: Envelope) -> None:
+        """A newly committed entry: try it at once (on the next reactor turn)."""
+        self._schedule(envelope.id, self._clock.seconds())
+        self._arm()
+
+    def stop(self) -> Deferred[None]:
+        """
+        Start no more attempts.
+
+        @return: fires when the attempts in flight have finished, or after
+            C{stop_timeout} seconds, whichever is first; never fails.  An
+            attempt cut short leaves its entry in the spool for the next start.
+        """
+        self._stopping = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        d: Deferred[None] = Deferred()
+        if not self._active:
+            d.callback(None)
+            return d
+        self._idle.append(d)
+        timer = self._clock.callLater(self._stop_timeout, self._give_up, d)
+
+        def cancel_timer(result: None) -> None:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        d.addCallback(cancel_timer)
+        return d
+
+    def reconfigure(
+        self,
+        router: IRouter,
+        targets: Mapping[str, IDeliveryTarget],
+        concurrency: Mapping[str, int],
+        queue: Queue,
+    ) -> None:
+        """Use new routing, targets, limits and schedule for attempts that start from now."""
+        self._router = router
+        self._targets = dict(targets)
+        self._queue = queue
+        self._slots = {
+            name: DeferredSemaphore(max(1, concurrency.get(name, 1))) for name in self._targets
+        }
+
+    @property
+    def active(self) -> frozenset[str]:
+        """The queue ids in flight."""
+        return frozenset(self._active)
+
+    def next_attempt(self, queue_id: str) -> float | None:
+        """When C{queue_id} is next tried; C{None} when it is not waiting."""
+        return self._due.get(queue_id)
+
+    # -- the schedule -------------------------------------------------------
+
+    def _schedule(self, queue_id: str, when: float) -> None:
+        current = self._due.get(queue_id)
+        if current is not None and current <= when:
+            return
+        self._due[queue_id] = when
+        if queue_id not in self._active:
+            heapq.heappush(self._heap, (when, next(self._seq), queue_id))
+
+    def _earliest(self) -> float | None:
+        while self._heap:
+            when, _, queue_id = self._heap[0]
+            if self._due.get(queue_id) == when and queue_id not in self._active:
+                return when
+            heapq.heappop(self._heap)
+        return None
+
+    def _arm(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._stopping or len(self._active) >= self._max_active:
+            return
+        when = self._earliest()
+        if when is not None:
+            delay = max(0.0, when - self._clock.seconds())
+            self._timer = self._clock.callLater(delay, self._run_due)
+
+    def _run_due(self) -> None:
+        self._timer = None
+        now = self._clock.seconds()
+        while not self._stopping and len(self._active) < self._max_active:
+            when = self._earliest()
+            if when is None or when > now:
+                break
+            _, _, queue_id = heapq.heappop(self._heap)
+            del self._due[queue_id]
+            self._begin(queue_id)
+        self._arm()
+
+    def _begin(self, queue_id: str) -> None:
+        self._active.add(queue_id)
+        d = Deferred.fromCoroutine(self._attempt(queue_id))
+        d.addErrback(
+            lambda f: self._log.failure("Attempt on {queue_id} failed", f, queue_id=queue_id)
+        )
+        d.addBoth(lambda _: self._finish(queue_id))
+
+    def _finish(self, queue_id: str) -> None:
+        self._active.discard(queue_id)
+        when = self._due.get(queue_id)
+        if when is not None:
+            heapq.heappush(self._heap, (when, next(self._seq), queue_id))
+        if not self._active and self._idle:
+            idle, self._idle = self._idle, []
+            for d in idle:
+                d.callback(None)
+        self._arm()
+
+    def _give_up(self, d: Deferred[None]) -> None:
+        if d in self._idle:
+            self._idle.remove(d)
+            self._log.warn(
+                "Stopped with {count} deliveries still in flight", count=len(self._active)
+            )
+            d.callback(None)
+
+    # -- one attempt --------------------------------------------------------
+
+    async def _attempt(self, queue_id: str) -> None:
+        try:
+            loaded = self._spool.load(queue_id)
+        except KeyError:
+            self._log.info("Entry {queue_id} left the spool", queue_id=queue_id)
+            return
+        try:
+            if not isinstance(loaded, Envelope):
+                raise TypeError(f"spool returned {type(loaded).__name__}")
+            await self._deliver(loaded)
+        except Exception:
+            self._log.failure("Delivery of {queue_id} failed; keeping it", queue_id=queue_id)
+            retry = self._clock.seconds() + self._queue.retry_delay(1).total_seconds()
+            self._schedule(queue_id, retry)
+
+    async def _deliver(self, envelope: Envelope) -> None:
+        groups: dict[str, list[str]] = {}
+        outcomes: dict[str, Outcome] = {}
+        for rcpt in envelope.pending:
+            try:
+                route = self._router.route(rcpt.address)
+            except LookupError:
+                outcomes[rcpt.address] = _o.local_outcome(_o.NO_ROUTE)
+                self._note(envelope, rcpt.address, "", outcomes[rcpt.address])
+                continue
+            groups.setdefault(route, []).append(rcpt.address)
+        data_path = self._spool.data_path(envelope.id)
+        routes = list(groups)
+        results = await DeferredList(
+            [
+                Deferred.fromCoroutine(self._deliver_route(envelope, r, groups[r], data_path))
+                for r in routes
+            ],
+            consumeErrors=True,
+        )
+        for route, (ok, result) in zip(routes, results):
+            got: dict[str, Outcome] = result if ok else {}
+            for address in groups[route]:
+                outcome = got.get(address, _o.local_outcome(_o.TARGET_FAILED))
+                outcomes[address] = outcome
+                self._note(envelope, address, route, outcome)
+        envelope = envelope.with_outcomes(outcomes)
+        self._finish_envelope(envelope)
+
+    async def _deliver_route(
+        self, envelope: Envelope, route: str, addresses: list[str], data_path: object
+    ) -> dict[str, Outcome]:
+        target = self._targets.get(route)
+        if target is None:
+            self._log.error(
+                "No delivery target for route {route}", queue_id=envelope.id, route=route
+            )
+            return {}
+        slots = self._slots[route]
+        try:
+            result = await slots.run(
+                lambda: cast("Deferred[object]", target.deliver(envelope, addresses, data_path))
+            )
+        except Exception:
+            self._log.failure(
+                "Target for route {route} failed on {queue_id}", queue_id=envelope.id, route=route
+            )
+            return {}
+        if not isinstance(result, dict):
+            self._log.error(
+                "Target for route {route} returned {kind}",
+                queue_id=envelope.id,
+                route=route,
+                kind=type(result).__name__,
+            )
+            return {}
+        return {a: o for a, o in result.items() if isinstance(o, Outcome) and a in addresses}
+
+    def _finish_envelope(self, envelope: Envelope) -> None:
+        now = self._clock.seconds()
+        expire_at = envelope.received_at + self._queue.expire.total_seconds()
+        if envelope.pending and now >= expire_at:
+            expired = _o.local_outcome(_o.EXPIRED)
+            for rcpt in envelope.pending:
+                self._log.warn(
+                    "EXPIRE {queue_id} {recipient}: last reply {last_reply}",
+                    event_id="EXPIRE",
+                    queue_id=envelope.id,
+                    recipient=rcpt.address,
+                    last_reply=rcpt.last_reply,
+                )
+            envelope = envelope.with_outcomes({r.address: expired for r in envelope.pending})
+        if not envelope.pending:
+            # The DSN for failed recipients is the next issue.
+            self._spool.remove(envelope.id)
+            return
+        attempts = max(r.attempts for r in envelope.pending)
+        when = min(now + self._queue.retry_delay(attempts).total_seconds(), expire_at)
+        envelope = evolve(envelope, next_attempt=when)
+        self._spool.update(envelope)
+        self._schedule(envelope.id, when)
+
+    def _note(self, envelope: Envelope, address: str, route: str, outcome: Outcome) -> None:
+        code, enhanced = _codes(outcome.reply)
+        fields = dict(
+            queue_id=envelope.id,
+            message_id=envelope.message_id,
+            sender=envelope.sender,
+            route=route,
+            recipient=address,
+            smtp_code=code,
+            enhanced_code=enhanced,
+            remote_host=outcome.remote_host,
+            reply=outcome.reply,
+            size=envelope.size,
+        )
+        if outcome.kind == "delivered":
+            self._log.info(
+                "DELIVER {queue_id} {recipient} via {route}: {reply}", event_id="DELIVER", **fields
+            )
+        elif outcome.kind == "retry":
+            self._log.info(
+                "DEFER {queue_id} {recipient} via {route}: {reply}", event_id="DEFER", **fields
+            )
+        else:
+            self._log.warn(
+                "FAIL {queue_id} {recipient} via {route}: {reply}", event_id="FAIL", **fields
+            )

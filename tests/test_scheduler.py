@@ -1,0 +1,403 @@
+"""Tests for L{relaygw.deliver.scheduler.Scheduler}, on a L{Clock} with scripted targets."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+from attrs import evolve
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from relaygw.config._model import Queue
+from relaygw.deliver.scheduler import Scheduler
+from relaygw.interfaces import IDeliveryTarget, IRouter, ISpool
+from relaygw.spool.envelope import Envelope, Outcome, Recipient
+
+T0 = 1_800_000_000.0
+OK = Outcome("delivered", "250 2.0.0 ok", "h")
+LATER = Outcome("retry", "451 4.3.0 later", "h")
+NO = Outcome("bounce", "550 5.1.1 unknown", "h")
+
+
+@implementer(ISpool)
+class MemorySpool:
+    """An in-memory ISpool holding committed envelopes; records updates and removals."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, Envelope] = {}
+        self.updates: list[Envelope] = []
+        self.removed: list[str] = []
+        self.fail_updates = 0
+
+    def add(self, envelope: Envelope) -> Envelope:
+        self.entries[envelope.id] = envelope
+        return envelope
+
+    def begin(self) -> object:
+        raise NotImplementedError
+
+    def recover(self) -> list[object]:
+        return list(self.entries.values())
+
+    def load(self, queue_id: str) -> Envelope:
+        return self.entries[queue_id]
+
+    def data_path(self, queue_id: str) -> Path:
+        return Path("/spool") / f"{queue_id}.msg"
+
+    def update(self, envelope: object) -> None:
+        assert isinstance(envelope, Envelope)
+        if self.fail_updates:
+            self.fail_updates -= 1
+            raise OSError("disk full")
+        if envelope.id not in self.entries:
+            raise KeyError(envelope.id)
+        self.entries[envelope.id] = envelope
+        self.updates.append(envelope)
+
+    def remove(self, queue_id: str) -> None:
+        self.entries.pop(queue_id, None)
+        self.removed.append(queue_id)
+
+    def subscribe(self, callback: object) -> None:
+        pass
+
+
+@implementer(IRouter)
+class DomainRouter:
+    """Routes by domain: C{local.test} -> local, C{other.test} -> other, else LookupError."""
+
+    def route(self, address: str) -> str:
+        domain = address.rpartition("@")[2]
+        routes = {"local.test": "local", "other.test": "other"}
+        if domain not in routes:
+            raise LookupError(domain)
+        return routes[domain]
+
+
+@implementer(IDeliveryTarget)
+class ScriptedTarget:
+    """
+    Answers each recipient with the next outcome scripted for it (default:
+    delivered); with C{manual}, returns Deferreds the test fires.
+    """
+
+    def __init__(self, script: dict[str, list[Outcome]] | None = None, manual: bool = False):
+        self.script = script or {}
+        self.manual = manual
+        self.calls: list[tuple[str, tuple[str, ...]]] = []
+        self.pending: list[tuple[Deferred[dict[str, Outcome]], dict[str, Outcome]]] = []
+        self.error: Exception | None = None
+
+    def deliver(self, envelope: object, recipients: object, data_path: object) -> object:
+        assert isinstance(envelope, Envelope) and isinstance(recipients, list)
+        assert data_path == Path("/spool") / f"{envelope.id}.msg"
+        self.calls.append((envelope.id, tuple(recipients)))
+        if self.error is not None:
+            return fail(self.error)
+        result = {r: (self.script.get(r) or [OK]).pop(0) for r in recipients}
+        if self.manual:
+            d: Deferred[dict[str, Outcome]] = Deferred()
+            self.pending.append((d, result))
+            return d
+        return succeed(result)
+
+    def release(self) -> None:
+        d, result = self.pending.pop(0)
+        d.callback(result)
+
+
+def envelope(queue_id: str, *rcpts: str, received_at: float = T0, next_attempt: float = 0.0) -> Envelope:
+    return Envelope(
+        id=queue_id,
+        sender="s@x.test",
+        recipients=tuple(Recipient(r) for r in rcpts),
+        connector="c",
+        client_ip="127.0.0.1",
+        received_at=received_at,
+        size=10,
+        message_id="<m@x>",
+        next_attempt=next_attempt,
+    )
+
+
+class SchedulerTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(T0)
+        self.spool = MemorySpool()
+        self.local = ScriptedTarget()
+        self.other = ScriptedTarget()
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+
+    def scheduler(self, concurrency: dict[str, int] | None = None, max_active: int = 100) -> Scheduler:
+        return Scheduler(
+            spool=self.spool,
+            router=DomainRouter(),
+            targets={"local": self.local, "other": self.other},
+            concurrency=concurrency or {"local": 10, "other": 10},
+            queue=Queue(),
+            clock=self.clock,
+            max_active=max_active,
+        )
+
+    def submit(self, s: Scheduler, env: Envelope) -> None:
+        s.enqueue(self.spool.add(env))
+
+    def test_enqueue_starts_on_next_turn(self) -> None:
+        """An enqueued message is tried at once, on the next reactor turn (callLater(0))."""
+        s = self.scheduler()
+        self.submit(s, envelope("A", "a@local.test"))
+        self.assertEqual(self.local.calls, [])
+        self.clock.advance(0)
+        self.assertEqual(self.local.calls, [("A", ("a@local.test",))])
+
+    def test_delivered_message_leaves_spool(self) -> None:
+        """When every recipient is delivered, the entry is removed from the spool."""
+        s = self.scheduler()
+        self.submit(s, envelope("A", "a@local.test", "b@local.test"))
+        self.clock.advance(0)
+        self.assertEqual(self.local.calls, [("A", ("a@local.test", "b@local.test"))])
+        self.assertEqual(self.spool.removed, ["A"])
+        self.assertEqual(self.spool.updates, [])
+
+    def test_retry_then_delivered_on_schedule(self) -> None:
+        """A 4xx leaves the message queued until the first retry interval, then it is retried."""
+        self.local.script = {"a@local.test": [LATER, OK]}
+        s = self.scheduler()
+        self.submit(s, envelope("A", "a@local.test"))
+        self.clock.advance(0)
+        [updated] = self.spool.updates
+        self.assertEqual(updated.next_attempt, T0 + 60)
+        self.assertEqual(updated.recipients[0], Recipient("a@local.test", "queued", 1, LATER.reply))
+        self.clock.advance(59.9)
+        self.assertEqual(len(self.local.calls), 1)
+        self.clock.advance(0.1)
+        self.assertEqual(len(self.local.calls), 2)
+        self.assertEqual(self.spool.removed, ["A"])
+
+    def test_retry_intervals_grow(self) -> None:
+        """The second failed attempt waits the second interval of queue.retry."""
+        self.local.script = {"a@local.test": [LATER, LATER]}
+        s = self.scheduler()
+        self.submit(s, envelope("A", "a@local.test"))
+        self.clock.advance(0)
+        self.clock.advance(60)
+        self.assertEqual(self.spool.updates[-1].next_attempt, T0 + 60 + 300)
+        self.assertEqual(s.next_attempt("A"), T0 + 360)
+
+    def test_bounce_fails_recipient(self) -> None:
+        """A 5xx fails the recipient for good; with nothing queued the entry is removed."""
+        self.local.script = {"a@local.test": [NO]}
+        s = self.scheduler()
+        self.submit(s, envelope("A", "a@local.test"))
+        self.clock.advance(0)
+        self.assertEqual(self.spool.removed, ["A"])
+        fails = [e for e in self.events if e.get("event_id") == "FAIL"]
+        self.assertEqual(len(fails), 1)
+        self.assertEqual(fails[0]["smtp_code"], "550")
+        self.assertEqual(fails[0]["enhanced_code"], "5.1.1")
+
+    def test_mixed_outcomes_per_recipient(self) -> None:
+        """Each recipient's fate is its own; only the queued ones are tried again."""
+        self.local.script = {"b@local.test": [LATER, OK], "c@local.test": [NO]}
+        s = self.scheduler()
+        self.submit(s, envelope("A", "a@local.test", "b@local.test", "c@local.test"))
+        self.clock.advance(0)
+        states = [(r.address, r.state) for r in self.spool.updates[-1].recipients]
+        self.assertEqual(
+            states,
+            [("a@local.test", "delivered"), ("b@local.test", "queued"), ("c@local.test", "failed")],
+        )
+        self.clock.advance(60)
+        self.assertEqual(self.local.calls[-1], ("A", ("b@local.test",)))
+        self.assertEqual(self.spool.removed, ["A"])
+
+    def test_one_call_per_route(self) -> None:
+        """Recipients are grouped by route: each route's target is called once with its share."""
+        s = self.scheduler()
+        self.submit(s, envelope("A", "a@local.test", "x@other.test", "b@local.test"))
+        self.clock.advance(0)
+        self.assertEqual(self.local.calls, [("A", ("a@local.test", "b@local.test"))])
+        self.assertEqual(self.other.calls, [("A", ("x@other.test",))])
+
+    def test_no_route_bounces(self) -> None:
+        """A recipient the router has no route for gets 550 5.4.4 no route."""
+        s = self.scheduler()
+        self.submit(s, envelope("A", "a@local.test", "z@nowhere.test"))
+        self.local.script = {"a@local.test": [LATER]}
+        self.clock.advance(0)
+        rcpt = self.spool.updates[-1].recipients[1]
+        self.assertEqual((rcpt.state, rcpt.last_reply), ("failed", "550 5.4.4 no route"))
+
+    def test_target_errback_is_retry(self) -> None:
+        """A target whose Deferred fails leaves its recipients queued, and the failure is logged."""
+        self.local.error = RuntimeError("target bug")
+        s = self.scheduler()
+        self.submit(s, envelope("A", "a@local.test", "x@other.test"))
+        self.clock.advance(0)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        recipients = self.spool.updates[-1].recipients
+        self.assertEqual([r.state for r in recipients], ["queued", "delivered"])
+        self.assertTrue(recipients[0].last_reply.startswith("451 "))
+        self.assertEqual(s.next_attempt("A"), T0 + 60)
+
+    def test_route_concurrency(self) -> None:
+        """At most concurrency[route] deliveries run at once on a route."""
+        self.local.manual = True
+        s = self.scheduler(concurrency={"local": 1, "other": 1})
+        self.submit(s, envelope("A", "a@local.test"))
+        self.submit(s, envelope("B", "b@local.test"))
+        self.clock.advance(0)
+        self.assertEqual([c[0] for c in self.local.calls], ["A"])
+        self.local.release()
+        self.assertEqual([c[0] for c in self.local.calls], ["A", "B"])
+        self.local.release()
+        self.assertEqual(self.spool.removed, ["A", "B"])
+
+    def test_max_active(self) -> None:
+        """At most max_active messages are in flight; the next starts when one finishes."""
+        self.local.manual = True
+        self.other.manual = True
+        s = self.scheduler(max_active=1)
+        self.submit(s, envelope("A", "a@local.test"))
+        self.submit(s, envelope("B", "x@other.test"))
+        self.clock.advance(0)
+        self.assertEqual((len(self.local.calls), len(self.other.calls)), (1, 0))
+        self.assertEqual(s.active, frozenset({"A"}))
+        self.local.release()
+        self.clock.advance(0)
+        self.assertEqual(len(self.other.calls), 1)
+
+    def test_expiry_fails_queued_recipients(self) -> None:
+        """After queue.expire, recipients still queued after an attempt fail with EXPIRE logged."""
+        self.local.script = {"a@local.test": [LATER]}
+        s = self.scheduler()
+        old = T0 - timedelta(days=2, seconds=1).total_seconds()
+        self.submit(s, envelope("A", "a@local.test", received_at=old))
+        self.clock.advance(0)
+        self.assertEqual(self.spool.removed, ["A"])
+        expired = [e for e in self.events if e.get("event_id") == "EXPIRE"]
+        self.assertEqual([e["recipient"] for e in expired], ["a@local.test"])
+        self.assertEqual(expired[0]["last_reply"], LATER.reply)
+
+    def test_next_attempt_capped_at_expiry(self) -> None:
+        """A retry never waits past the expiry time of the message."""
+        self.local.script = {"a@local.test": [LATER]}
+        s = self.scheduler()
+        received = T0 - timedelta(days=2).total_seconds() + 10
+        self.submit(s, envelope("A", "a@local.test", received_at=received))
+        self.clock.advance(0)
+        self.assertEqual(self.spool.updates[-1].next_attempt, T0 + 10)
+
+    def test_start_picks_up_recovered_entries(self) -> None:
+        """Entries recovered at start are tried at their next_attempt time."""
+        s = self.scheduler()
+        self.spool.add(envelope("A", "a@local.test", next_attempt=T0 + 100))
+        self.spool.add(envelope("B", "b@local.test", next_attempt=0.0))
+        s.start(self.spool.load(i) for i in ("A", "B"))
+        self.clock.advance(0)
+        self.assertEqual([c[0] for c in self.local.calls], ["B"])
+        self.clock.advance(99)
+        self.assertEqual(len(self.local.calls), 1)
+        self.clock.advance(1)
+        self.assertEqual([c[0] for c in self.local.calls], ["B", "A"])
+
+    def test_processing_error_keeps_message(self) -> None:
+        """An exception while finishing an attempt keeps the entry and schedules it again."""
+        self.local.script = {"a@local.test": [LATER, OK]}
+        self.spool.fail_updates = 1
+        s = self.scheduler()
+        self.submit(s, envelope("A", "a@local.test"))
+        self.clock.advance(0)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertIn("A", self.spool.entries)
+        self.assertEqual(s.next_attempt("A"), T0 + 60)
+        self.clock.advance(60)
+        self.assertEqual(self.spool.removed, ["A"])
+
+    def test_vanished_entry_is_dropped(self) -> None:
+        """An id whose entry left the spool (deleted by an operator) is dropped quietly."""
+        s = self.scheduler()
+        s.enqueue(envelope("A", "a@local.test"))
+        self.clock.advance(0)
+        self.assertEqual(self.local.calls, [])
+        self.assertIsNone(s.next_attempt("A"))
+
+    def test_stop_waits_for_active(self) -> None:
+        """stop() starts nothing new and fires when the deliveries in flight finish."""
+        self.local.manual = True
+        s = self.scheduler(max_active=1)
+        self.submit(s, envelope("A", "a@local.test"))
+        self.submit(s, envelope("B", "b@local.test"))
+        self.clock.advance(0)
+        d = s.stop()
+        self.assertNoResult(d)
+        self.local.release()
+        self.successResultOf(d)
+        self.clock.advance(1000)
+        self.assertEqual([c[0] for c in self.local.calls], ["A"])
+        self.assertIn("B", self.spool.entries)
+
+    def test_stop_is_bounded(self) -> None:
+        """stop() fires after its timeout even if a delivery never finishes."""
+        self.local.manual = True
+        s = self.scheduler()
+        self.submit(s, envelope("A", "a@local.test"))
+        self.clock.advance(0)
+        d = s.stop()
+        self.clock.advance(29)
+        self.assertNoResult(d)
+        self.clock.advance(1)
+        self.successResultOf(d)
+
+    def test_stop_when_idle(self) -> None:
+        """stop() with nothing in flight fires at once."""
+        self.successResultOf(self.scheduler().stop())
+
+    def test_deliver_event_fields(self) -> None:
+        """A delivery is logged as DELIVER with queue id, route, recipient and codes."""
+        s = self.scheduler()
+        self.submit(s, envelope("A", "a@local.test"))
+        self.clock.advance(0)
+        [event] = [e for e in self.events if e.get("event_id") == "DELIVER"]
+        self.assertEqual(
+            (event["queue_id"], event["route"], event["recipient"], event["smtp_code"]),
+            ("A", "local", "a@local.test", "250"),
+        )
+        self.assertEqual(event["enhanced_code"], "2.0.0")
+
+    def test_defer_event(self) -> None:
+        """A retry is logged as DEFER."""
+        self.local.script = {"a@local.test": [LATER]}
+        s = self.scheduler()
+        self.submit(s, envelope("A", "a@local.test"))
+        self.clock.advance(0)
+        self.assertEqual(
+            [e["recipient"] for e in self.events if e.get("event_id") == "DEFER"],
+            ["a@local.test"],
+        )
+
+    def test_reconfigure_changes_targets(self) -> None:
+        """After reconfigure, new attempts use the new targets."""
+        s = self.scheduler()
+        replacement = ScriptedTarget()
+        s.reconfigure(DomainRouter(), {"local": replacement, "other": self.other}, {}, Queue())
+        self.submit(s, envelope("A", "a@local.test"))
+        self.clock.advance(0)
+        self.assertEqual((self.local.calls, len(replacement.calls)), ([], 1))
+
+    def test_delivered_recipient_not_retried(self) -> None:
+        """A recovered envelope whose recipients are partly delivered only retries the rest."""
+        s = self.scheduler()
+        env = envelope("A", "a@local.test", "b@local.test")
+        env = evolve(env, recipients=(Recipient("a@local.test", "delivered", 1), env.recipients[1]))
+        self.spool.add(env)
+        s.start([env])
+        self.clock.advance(0)
+        self.assertEqual(self.local.calls, [("A", ("b@local.test",))])
