@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -32,6 +34,13 @@ from relaygw.deliver.smtpclient import (
     deliver_to_host,
     make_client,
 )
+
+def _tmpdir(case: SynchronousTestCase) -> Path:
+    """A fresh temporary directory outside the work tree, removed after the test."""
+    path = Path(tempfile.mkdtemp(prefix="relaygw-test-"))
+    case.addCleanup(shutil.rmtree, path, True)
+    return path
+
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
 SINK_MISSING = "Postfix's smtp-sink (/usr/sbin/smtp-sink, package postfix) is not installed"
@@ -121,8 +130,8 @@ class ProtocolTests(SynchronousTestCase):
     """The transaction over iosim: replies to outcomes."""
 
     def setUp(self) -> None:
-        self.tmp = Path(self.mktemp())
-        self.tmp.mkdir(parents=True)
+        self.tmp = _tmpdir(self)
+        self.tmp.mkdir(parents=True, exist_ok=True)
         self.clock = Clock()
 
     def run_client(
@@ -387,8 +396,8 @@ class SinkTests(TestCase):
         from twisted.internet import reactor
 
         self.reactor = reactor
-        tmp = Path(self.mktemp())
-        tmp.mkdir(parents=True)
+        tmp = _tmpdir(self)
+        tmp.mkdir(parents=True, exist_ok=True)
         self.data = _data_file(tmp, b"Subject: sink\r\n\r\n.dot line\r\nbody\r\n")
 
     def send(self, host: HostPort, tls: ClientTLS = "opportunistic") -> Any:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -27,6 +29,13 @@ from relaygw.interfaces import IDeliveryTarget
 from relaygw.spool.envelope import Envelope, Recipient
 from tests.test_smtpclient import SINK_MISSING, SMTP_SINK, free_port, start_sink
 
+def _tmpdir(case: SynchronousTestCase) -> Path:
+    """A fresh temporary directory outside the work tree, removed after the test."""
+    path = Path(tempfile.mkdtemp(prefix="relaygw-test-"))
+    case.addCleanup(shutil.rmtree, path, True)
+    return path
+
+
 BODY = b"Subject: hi\r\n\r\nline one\r\n.dot\r\n"
 
 
@@ -45,8 +54,8 @@ def _envelope(*rcpts: str) -> Envelope:
 
 class MaildirTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.tmp = Path(self.mktemp())
-        self.tmp.mkdir(parents=True)
+        self.tmp = _tmpdir(self)
+        self.tmp.mkdir(parents=True, exist_ok=True)
         self.root = self.tmp / "mail"
         self.data = self.tmp / "Q1.msg"
         self.data.write_bytes(BODY)
@@ -189,8 +198,8 @@ class SmarthostTests(TestCase):
         from twisted.internet import reactor
 
         self.reactor = reactor
-        tmp = Path(self.mktemp())
-        tmp.mkdir(parents=True)
+        tmp = _tmpdir(self)
+        tmp.mkdir(parents=True, exist_ok=True)
         self.data = tmp / "Q1.msg"
         self.data.write_bytes(BODY)
 
