@@ -22,6 +22,7 @@ seam is L{_RelayClient.__init__}'s C{secret} and C{registerAuthenticator}.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import BinaryIO, Callable, Literal, Sequence
 
@@ -29,10 +30,10 @@ from attrs import frozen
 from OpenSSL import SSL
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.interfaces import IAddress, IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
@@ -433,6 +434,33 @@ def make_client(
     return proto, result
 
 
+class _OneShot(Factory):
+    """
+    Hands out one prepared protocol.  Unlike C{connectProtocol}'s factory it
+    is built once per connection without defining a class, and it is quiet:
+    no "Starting factory" event per delivery.
+    """
+
+    noisy = False
+
+    def __init__(self, protocol: Protocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
+        return self._protocol
+
+
+def _endpoint(reactor: IServeReactor, host: HostPort, timeout: float) -> IStreamClientEndpoint:
+    # An IP literal needs no name resolution: HostnameEndpoint would still go
+    # through its resolver machinery per connection.
+    try:
+        version = ipaddress.ip_address(host.host).version
+    except ValueError:
+        return HostnameEndpoint(reactor, host.host, host.port, timeout=timeout)
+    kind = TCP4ClientEndpoint if version == 4 else TCP6ClientEndpoint
+    return kind(reactor, host.host, host.port, timeout=timeout)
+
+
 def deliver_to_host(
     reactor: IServeReactor,
     host: HostPort,
@@ -482,9 +510,8 @@ async def _deliver_to_host(
         timeouts=timeouts,
         tls_options=tls_options,
     )
-    endpoint = HostnameEndpoint(reactor, host.host, host.port, timeout=timeouts.connect)
     try:
-        await connectProtocol(endpoint, client)  # type: ignore[no-untyped-call]
+        await _endpoint(reactor, host, timeouts.connect).connect(_OneShot(client))
     except Exception as e:
         data.close()
         failed = _o.failure_outcome(e, name)
