@@ -83,6 +83,12 @@ class ISpool(Interface):
         start, before anything is received or delivered.
         """
 
+    def entries() -> list[object]:
+        """
+        The envelopes of the committed entries, oldest first, changing
+        nothing (safe while another process receives into the spool).
+        """
+
     def load(queue_id: str) -> object:
         """
         @return: the L{relaygw.spool.envelope.Envelope} of a committed entry.

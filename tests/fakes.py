@@ -123,6 +123,9 @@ class RecordingSpool:
     def recover(self) -> list[object]:
         return [e for e, _ in self.committed]
 
+    def entries(self) -> list[object]:
+        return [e for e, _ in self.committed]
+
     def load(self, queue_id: str) -> object:
         for envelope, _ in self.committed:
             if envelope.id == queue_id:

@@ -355,3 +355,46 @@ class RecoverTests(SpoolTestCase):
         self.assertEqual(self.spool.recover(), [])
         self.assertEqual(self.names(), ["README"])
         self.assertEqual(self.logged(LogLevel.warn), ["README"])
+
+
+class EntriesTests(SynchronousTestCase):
+    """L{DirectorySpool.entries} lists committed entries and changes nothing."""
+
+    def test_entries_leave_partial_files_alone(self) -> None:
+        """
+        Committed entries are listed oldest first; a message still being
+        written (data, no envelope) is neither listed nor removed, because the
+        receiving process may be writing it right now.
+        """
+        root = Path(tempfile.mkdtemp(prefix="relaygw-entries-"))
+        self.addCleanup(shutil.rmtree, root, True)
+        clock = Clock()
+        clock.advance(1_800_000_000)
+        spool = DirectorySpool(root, clock)
+        first = spool.begin()
+        first.write(b"Subject: one\r\n\r\n")
+        first.commit(_envelope_for(first.queue_id, 1.0))
+        second = spool.begin()
+        second.write(b"Subject: two\r\n\r\n")
+        second.commit(_envelope_for(second.queue_id, 2.0))
+        partial = spool.begin()
+        partial.write(b"Subject: in progress\r\n")
+        listed = [e.id for e in spool.entries()]
+        self.assertEqual(listed, [first.queue_id, second.queue_id])
+        self.assertTrue(
+            any(name.startswith(partial.queue_id) for name in os.listdir(root / "queue"))
+        )
+        partial.abort()
+
+
+def _envelope_for(queue_id: str, received_at: float) -> Envelope:
+    return Envelope(
+        id=queue_id,
+        sender="s@example.test",
+        recipients=(Recipient("r@example.test"),),
+        connector="c",
+        client_ip="127.0.0.1",
+        received_at=received_at,
+        size=1,
+        message_id="<m@x>",
+    )

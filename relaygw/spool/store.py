@@ -301,6 +301,30 @@ class DirectorySpool:
         envelopes.sort(key=lambda e: (e.received_at, e.id))
         return envelopes
 
+    def entries(self) -> list[Envelope]:  # type: ignore[override]
+        """
+        The envelopes of the committed entries, oldest first, changing
+        nothing: for the delivery process, which shares the spool with a
+        receiving process that may be writing entries right now.  Entries
+        that cannot be read are logged and left for L{recover}.
+        """
+        names = {entry.name for entry in os.scandir(self._queue)}
+        envelopes: list[Envelope] = []
+        for name in names:
+            if name.endswith(_ENV):
+                queue_id = name[: -len(_ENV)]
+                found = self._check(queue_id, self._queue / name, names)
+                if isinstance(found, Envelope):
+                    envelopes.append(found)
+                else:
+                    self._log.warn(
+                        "Spool: skipping entry {queue_id}: {problem}",
+                        queue_id=queue_id,
+                        problem=found,
+                    )
+        envelopes.sort(key=lambda e: (e.received_at, e.id))
+        return envelopes
+
     def _check(self, queue_id: str, path: Path, names: set[str]) -> Envelope | str:
         if not is_queue_id(queue_id):
             return "the file name is not a queue id"

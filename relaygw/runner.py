@@ -1,0 +1,354 @@
+"""
+The delivery process: the send side of the Postfix cut.
+
+relaygw receives and delivers in two processes joined only by the spool, as
+Postfix does (smtpd and cleanup on one side, qmgr and smtp on the other): the
+receiving process answers clients and commits messages; this process runs the
+queue scheduler.  Delivery thus gets a core of its own, and a slow or busy
+delivery never delays a client's 250.
+
+Parent side, L{DeliveryProcess}: a service of the gateway.  It spawns
+C{python -m relaygw.runner [--config PATH]} in the gateway's working
+directory, writes each committed queue id to the child's stdin (one per
+line), re-publishes the child's log events (JSON records on its stdout) into
+the gateway's own log, and restarts the child, with backoff, if it dies.
+
+Child side, L{main}: loads the same configuration, lists the spool's
+committed entries without changing anything (the receiving process owns
+crash recovery and has done it before spawning the child), starts the
+scheduler, and enqueues every id read from stdin.  The end of stdin (the
+gateway stopping, or killed with kill -9) stops the scheduler, bounded, and
+ends the process.  Ids lost while the child was down are found by the next
+child's listing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, cast
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone, ProcessExitedAlready
+from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IReactorProcess
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import (
+    ILogObserver,
+    Logger,
+    eventFromJSON,
+    globalLogBeginner,
+    globalLogPublisher,
+    jsonFileLogObserver,
+)
+from twisted.protocols.basic import LineOnlyReceiver
+from twisted.python.failure import Failure
+
+import relaygw
+from relaygw._types import IServeReactor
+from relaygw.config._model import Config
+from relaygw.interfaces import ISpool
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IResolver
+
+    from relaygw.deliver.scheduler import Scheduler
+
+__all__ = ["DeliveryProcess", "build_scheduler", "main"]
+
+_log = Logger()
+
+#: How long the parent waits for the child to finish its deliveries in
+#: progress at stop, before killing it (the scheduler's own bound is 30 s).
+STOP_GRACE = 35.0
+_RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)
+#: A child that ran this long is healthy: the next crash restarts it at once.
+_HEALTHY_AFTER = 60.0
+
+
+def build_scheduler(
+    config: Config, reactor: IServeReactor, spool: ISpool
+) -> tuple[Scheduler, Callable[[], None]]:
+    """
+    The delivery side of a configuration: router, one target per route and
+    the scheduler over C{spool}.
+
+    @return: the scheduler (not started) and a function that releases what
+        it holds (the DNS resolver's timers) after the scheduler stopped.
+    """
+    from relaygw.deliver.scheduler import Scheduler
+    from relaygw.deliver.targets import build_target
+    from relaygw.route.router import Router
+
+    resolver = _dns_resolver(config, reactor) if any(r.via == "mx" for r in config.routes) else None
+    targets = {
+        route.name: build_target(
+            route, reactor=reactor, resolver=resolver, helo=config.gateway.hostname
+        )
+        for route in config.routes
+    }
+    scheduler = Scheduler(
+        spool=spool,
+        router=Router(config),
+        targets=targets,
+        concurrency={route.name: route.max_concurrency for route in config.routes},
+        queue=config.queue,
+        clock=reactor,
+    )
+
+    def release() -> None:
+        # client.Resolver re-reads resolv.conf from a repeating delayed call
+        # that nothing else cancels.
+        call = getattr(resolver, "_parseCall", None)
+        if call is not None and call.active():
+            call.cancel()
+
+    return scheduler, release
+
+
+def _dns_resolver(config: Config, reactor: IServeReactor) -> IResolver:
+    from twisted.names import client
+
+    servers = [(s.host, s.port) for s in config.dns.servers]
+    if servers:
+        return client.Resolver(servers=servers, reactor=reactor)  # type: ignore[no-untyped-call]
+    return client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)  # type: ignore[no-untyped-call]
+
+
+# -- parent side ------------------------------------------------------------
+
+
+class _ChildProtocol(ProcessProtocol):
+    """The parent's end of one child: log records in, process end out."""
+
+    def __init__(self, owner: DeliveryProcess) -> None:
+        self._owner = owner
+        self._out = b""
+        self._err = b""
+
+    def outReceived(self, data: bytes) -> None:
+        self._out += data
+        *records, self._out = self._out.split(b"\x1e")
+        for record in records:
+            if record.strip():
+                self._owner._republish(record)
+
+    def errReceived(self, data: bytes) -> None:
+        self._err += data
+        *lines, self._err = self._err.split(b"\n")
+        for line in lines:
+            if line.strip():
+                _log.error(
+                    "delivery process: {line}", line=line.decode("utf-8", "replace")
+                )
+
+    def processEnded(self, reason: Failure) -> None:
+        self._owner._ended(self, reason)
+
+
+class DeliveryProcess(Service):
+    """
+    Keeps one delivery child running and tells it about new spool entries.
+    """
+
+    _log = _log
+
+    def __init__(
+        self,
+        *,
+        reactor: IServeReactor,
+        config_path: str | None,
+        publisher: ILogObserver = globalLogPublisher,
+        python: str = sys.executable,
+    ) -> None:
+        """
+        @param reactor: must also provide C{IReactorProcess}.
+        @param config_path: the configuration file, or C{None} for the
+            embedded default (the child resolves it against the same working
+            directory).
+        @param publisher: where the child's log events are re-published.
+        @param python: the interpreter that runs the child.
+        """
+        self._reactor = reactor
+        self._config_path = None if config_path is None else os.path.abspath(config_path)
+        self._publisher = publisher
+        self._python = python
+        self._child: _ChildProtocol | None = None
+        self._transport: IProcessTransport | None = None
+        self._started_at = 0.0
+        self._failures = 0
+        self._restart: IDelayedCall | None = None
+        self._stopped: Deferred[None] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id, while one runs."""
+        return None if self._transport is None else self._transport.pid
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self._spawn()
+
+    def notify(self, queue_id: str) -> None:
+        """Tell the child about a committed entry (dropped while none runs)."""
+        if self._transport is not None:
+            self._transport.write(queue_id.encode("ascii") + b"\n")
+
+    def _spawn(self) -> None:
+        self._restart = None
+        argv = [self._python, "-m", "relaygw.runner"]
+        if self._config_path is not None:
+            argv += ["--config", self._config_path]
+        # The child imports the very relaygw this process runs.
+        package_parent = str(Path(relaygw.__file__).resolve().parent.parent)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (package_parent, env.get("PYTHONPATH", "")) if p
+        )
+        child = _ChildProtocol(self)
+        self._child = child
+        self._started_at = self._reactor.seconds()
+        process = cast(IReactorProcess, self._reactor)
+        self._transport = process.spawnProcess(
+            child, self._python, argv, env=env, path=os.getcwd()
+        )
+        self._log.info("delivery process {pid} started", pid=self._transport.pid)
+
+    def _republish(self, record: bytes) -> None:
+        try:
+            event = eventFromJSON(record.decode("utf-8"))
+        except ValueError:
+            self._log.warn("delivery process wrote an unreadable log record")
+            return
+        self._publisher(event)
+
+    def _ended(self, child: _ChildProtocol, reason: Failure) -> None:
+        if child is not self._child:
+            return
+        self._child = self._transport = None
+        if self._stopped is not None:
+            self._stopped.callback(None)
+            return
+        clean = isinstance(reason.value, ProcessDone)
+        if self._reactor.seconds() - self._started_at > _HEALTHY_AFTER:
+            self._failures = 0
+        delay = _RESTART_DELAYS[min(self._failures, len(_RESTART_DELAYS) - 1)]
+        self._failures += 1
+        self._log.error(
+            "delivery process ended unexpectedly ({how}); restarting in {delay} s",
+            how="exit 0" if clean else str(reason.value),
+            delay=delay,
+        )
+        self._restart = self._reactor.callLater(delay, self._spawn)
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Close the child's stdin so it finishes the deliveries in progress,
+        and wait for it (killing it after L{STOP_GRACE} seconds).
+        """
+        super().stopService()  # type: ignore[no-untyped-call]
+        if self._restart is not None and self._restart.active():
+            self._restart.cancel()
+        self._restart = None
+        stopped: Deferred[None] = Deferred()
+        transport = self._transport
+        if transport is None:
+            stopped.callback(None)
+            return stopped
+        self._stopped = stopped
+        transport.closeStdin()
+        kill = self._reactor.callLater(STOP_GRACE, _kill, transport)
+        stopped.addBoth(_cancel_then_pass, kill)
+        return stopped
+
+
+def _kill(transport: IProcessTransport) -> None:
+    _log.warn("delivery process {pid} did not stop in time; killing it", pid=transport.pid)
+    try:
+        transport.signalProcess("KILL")
+    except ProcessExitedAlready:
+        pass
+
+
+def _cancel_then_pass(result: object, call: IDelayedCall) -> object:
+    if call.active():
+        call.cancel()
+    return result
+
+
+# -- child side -------------------------------------------------------------
+
+
+class _QueueIds(LineOnlyReceiver):
+    """Reads queue ids from the parent, one per line."""
+
+    delimiter = b"\n"
+
+    def __init__(self, scheduler: Scheduler, spool: ISpool, done: Deferred[None]) -> None:
+        self._scheduler = scheduler
+        self._spool = spool
+        self._done = done
+
+    def lineReceived(self, line: bytes) -> None:
+        queue_id = line.decode("ascii", "replace").strip()
+        try:
+            envelope = self._spool.load(queue_id)
+        except (KeyError, ValueError, OSError):
+            _log.warn("delivery process: no spool entry {queue_id}", queue_id=queue_id)
+            return
+        self._scheduler.enqueue(envelope)  # type: ignore[arg-type]
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        if not self._done.called:
+            self._done.callback(None)
+
+
+async def _run(reactor: IServeReactor, config_path: str | None) -> None:
+    from twisted.internet import stdio
+
+    from relaygw.config._load import load, load_default
+    from relaygw.spool.store import DirectorySpool
+
+    config = load(config_path) if config_path else load_default()
+    spool = DirectorySpool(config.gateway.spool_dir, reactor)
+    scheduler, release = build_scheduler(config, reactor, spool)
+    entries = spool.entries()
+    _log.info("delivery process: {count} queued message(s)", count=len(entries))
+    scheduler.start(entries)
+    done: Deferred[None] = Deferred()
+    stdio.StandardIO(_QueueIds(scheduler, spool, done), reactor=reactor)  # type: ignore[no-untyped-call]
+    await done
+    await scheduler.stop()
+    release()
+    _log.info("delivery process stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """
+    C{python -m relaygw.runner [--config PATH]}: the delivery process.
+    Started by the gateway, not by hand.
+    """
+    parser = argparse.ArgumentParser(prog="python -m relaygw.runner")
+    parser.add_argument("--config", "-c", default=None)
+    args = parser.parse_args(argv)
+    globalLogBeginner.beginLoggingTo(
+        [jsonFileLogObserver(sys.stdout)], redirectStandardIO=False
+    )
+
+    from twisted.internet import task
+
+    def start(reactor: IServeReactor) -> Deferred[None]:
+        # A terminal's Ctrl-C reaches the whole process group; the gateway
+        # stops this process by closing its stdin, after its own sessions.
+        reactor.callWhenRunning(signal.signal, signal.SIGINT, signal.SIG_IGN)  # type: ignore[attr-defined]
+        return Deferred.fromCoroutine(_run(reactor, args.config))
+
+    task.react(start)
+
+
+if __name__ == "__main__":
+    main()
