@@ -15,8 +15,10 @@ Fixture data under C{dc=example,dc=com} (test-only passwords):
   - C{uid=bob} / C{bobpw}: mail bob@example.com; group relay-users
   - C{uid=carol} / C{carolpw}: mail carol@example.org; group team-c, which is
     itself a member of relay-users (nested)
+  - C{uid=dan} / C{danpw}: member of admins with NO C{memberOf} value (as on a
+    server without the memberof overlay)
   - C{uid=dup1}, C{uid=dup2} / C{duppw}: both with mail shared@example.com
-  - groupOfNames relay-users (alice, bob, team-c), admins (alice), team-c (carol)
+  - groupOfNames relay-users (alice, bob, team-c), admins (alice, dan), team-c (carol)
 
 slapadd does not run the memberof overlay, so C{memberOf} (direct
 memberships only, as the overlay would write them) is in the LDIF itself.
@@ -42,7 +44,10 @@ from tests.servers.procs import stop_process
 BASE_DN = "dc=example,dc=com"
 SERVICE_DN = f"cn=relay-svc,ou=services,{BASE_DN}"
 SERVICE_PASSWORD = "svcpw"
-PASSWORDS = {"alice": "alicepw", "bob": "bobpw", "carol": "carolpw", "dup1": "duppw", "dup2": "duppw"}
+PASSWORDS = {
+    "alice": "alicepw", "bob": "bobpw", "carol": "carolpw", "dan": "danpw",
+    "dup1": "duppw", "dup2": "duppw",
+}  # fmt: skip
 
 _SBIN = "/usr/sbin"
 
@@ -170,11 +175,12 @@ userPassword: {_ssha(SERVICE_PASSWORD)}
                   ["relay-users", "admins"])
         + _person("bob", "Bob Jones", ["bob@example.com"], ["relay-users"])
         + _person("carol", "Carol White", ["carol@example.org"], ["team-c"])
+        + _person("dan", "Dan Brown", ["dan@example.com"], [])
         + _person("dup1", "Dup One", ["shared@example.com"], [])
         + _person("dup2", "Dup Two", ["shared@example.com"], [])
         + _group("team-c", [user_dn("carol")], ["relay-users"])
         + _group("relay-users", [user_dn("alice"), user_dn("bob"), group_dn("team-c")])
-        + _group("admins", [user_dn("alice")])
+        + _group("admins", [user_dn("alice"), user_dn("dan")])
     )  # fmt: skip
 
 
