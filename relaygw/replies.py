@@ -122,6 +122,12 @@ HELP = _r(
     "This server supports the following commands:\n"
     "HELO EHLO STARTTLS RCPT DATA RSET MAIL QUIT HELP AUTH BDAT",
 )
+# AUTH (RFC 4954 section 6) and recipient validation (issue 3).
+AUTH_CANCELLED = _r(501, "5.7.0", "Authentication cancelled by the client")
+AUTH_BAD_BASE64 = _r(501, "5.5.2", "Cannot Base64-decode client response")
+AUTH_ALREADY = _r(503, "5.5.1", "Already authenticated")
+#: A recipient could not be looked up because the directory did not answer.
+RECIPIENT_LOOKUP_FAILED = _r(451, "4.4.0", "Recipient lookup failed, try again later")
 #: An unexpected fault while handling a command; the session stays usable.
 INTERNAL_ERROR = _r(451, "4.3.0", "Temporary server error, please try again later")
 
@@ -167,6 +173,11 @@ def rate_limited(fqdn: str) -> Reply:
 def timeout(fqdn: str) -> Reply:
     """The command or data timeout reply; the connection closes after it."""
     return _r(421, "4.4.2", f"{fqdn} Timeout waiting for client input")
+
+
+def auth_challenge(challenge: str) -> Reply:
+    """C{334 <base64 challenge>} (RFC 4954); C{challenge} may be empty."""
+    return _r(334, "", challenge)
 
 
 def bdat_ok(octets: int) -> Reply:

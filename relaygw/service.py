@@ -17,29 +17,42 @@ called (tests, embedding), it binds the sockets itself, last.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.interfaces import IAddress, IListeningPort
+from twisted.internet.interfaces import (
+    IAddress,
+    IListeningPort,
+    IReactorFromThreads,
+    IReactorTime,
+)
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
 from relaygw._types import IServeReactor
 from relaygw.config._model import Config, Connector
+from relaygw.interfaces import IDirectory
 from relaygw.listen.bindings import ListenError, ListenSocket, listen_on, plan_sockets
 from relaygw.listen.tls import ServerTLSOptions, TLSSetupError, ensure_certificate
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IResolver
+    from twisted.cred.portal import Portal
     from twisted.internet.protocol import _ProtoWithFactory
+    from twisted.python.threadpool import ThreadPool
 
     from relaygw.deliver.scheduler import Scheduler
     from relaygw.session.factory import SessionFactory
     from relaygw.spool.store import DirectorySpool
 
-__all__ = ["RelayGatewayService", "StartupError", "spool_root"]
+__all__ = ["AUTH_THREADS", "RelayGatewayService", "StartupError", "build_directory",
+           "build_portal", "spool_root"]
+
+#: Threads of the pool the directory (ldap3 binds, scrypt) runs in.
+AUTH_THREADS = 8
 
 
 class StartupError(Exception):
@@ -47,6 +60,64 @@ class StartupError(Exception):
     The gateway cannot start: a socket cannot be bound, a certificate file is
     unusable, a directory cannot be created.  The message says which.
     """
+
+
+def build_directory(
+    config: Config,
+    *,
+    reactor: IReactorFromThreads | None,
+    threadpool: ThreadPool | None,
+) -> IDirectory:
+    """
+    The credential and address store of C{config}: the directory
+    (L{relaygw.auth.directory.LDAPDirectory}) when C{[directory]} is set, its
+    bind password read from C{bind_password_file}; else the users file.
+
+    @param reactor: with C{threadpool}, where blocking work runs (required
+        for a directory; the users file runs inline without them).
+    @raise StartupError: the bind password file cannot be read, or the
+        directory settings are unusable.
+    """
+    from relaygw.auth.usersfile import UsersFile
+
+    settings = config.directory
+    if settings is None:
+        users = config.users.file if config.users is not None else Path("users")
+        return UsersFile(users, reactor=reactor, threadpool=threadpool)
+    password = ""
+    if settings.bind_password_file is not None:
+        try:
+            password = settings.bind_password_file.read_text(encoding="utf-8").rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as error:
+            raise StartupError(
+                f"cannot read directory.bind_password_file {settings.bind_password_file}: "
+                f"{getattr(error, 'strerror', None) or error}"
+            ) from None
+    if reactor is None or threadpool is None:
+        raise StartupError("the directory needs a reactor and a thread pool")
+    from relaygw.auth.directory import LDAPDirectory
+
+    try:
+        return LDAPDirectory(settings, reactor=reactor, threadpool=threadpool,
+                             bind_password=password)
+    except ValueError as error:
+        raise StartupError(f"directory: {error}") from None
+
+
+def build_portal(directory: IDirectory, config: Config, clock: IReactorTime) -> Portal:
+    """
+    The AUTH portal: L{relaygw.auth.realm.UserRealm} with a
+    L{relaygw.auth.checker.DirectoryChecker} over C{directory}, caching
+    successful logins for C{directory.cache_ttl} (no cache for the users file:
+    it is local).
+    """
+    from twisted.cred.portal import Portal
+
+    from relaygw.auth.checker import DirectoryChecker
+    from relaygw.auth.realm import UserRealm
+
+    ttl = config.directory.cache_ttl if config.directory is not None else timedelta(0)
+    return Portal(UserRealm(), [DirectoryChecker(directory, clock, ttl)])
 
 
 def spool_root(config: Config) -> Path:
@@ -102,6 +173,7 @@ class RelayGatewayService(MultiService):
         self._spool: DirectorySpool | None = None
         self._scheduler: Scheduler | None = None
         self._factory: SessionFactory | None = None
+        self._auth_pool: ThreadPool | None = None
 
     @property
     def ports(self) -> tuple[IListeningPort, ...]:
@@ -130,6 +202,7 @@ class RelayGatewayService(MultiService):
         except BaseException:
             self._close_ports()
             self._drop_resolver()
+            self._stop_auth_pool()
             raise
         super().startService()  # type: ignore[no-untyped-call]
 
@@ -157,12 +230,15 @@ class RelayGatewayService(MultiService):
             count=len(recovered),
         )
         scheduler = self._build_scheduler(spool)
+        store = self._build_directory()
         factory = SessionFactory(
             selector=ConnectorSelector(config.connectors),
             config=config,
             spool=spool,
             reactor=self._reactor,
             tls_options=self._tls_options,
+            portal=build_portal(store, config, self._reactor),
+            directory=store,
         )
         if not self._ports:
             self._listen()
@@ -173,6 +249,25 @@ class RelayGatewayService(MultiService):
         spool.subscribe(scheduler.enqueue)
         factory.doStart()  # type: ignore[no-untyped-call]
         self._gate.target = self._factory
+
+    def _build_directory(self) -> IDirectory:
+        """
+        The credential store, with a bounded thread pool (started here,
+        stopped by L{stopService}) when the reactor can take results from
+        threads.
+        """
+        from twisted.python.threadpool import ThreadPool
+
+        reactor = self._reactor
+        if not IReactorFromThreads.providedBy(reactor):
+            return build_directory(self.config, reactor=None, threadpool=None)
+        pool = ThreadPool(minthreads=0, maxthreads=AUTH_THREADS, name="relaygw-auth")
+        directory = build_directory(
+            self.config, reactor=cast(IReactorFromThreads, reactor), threadpool=pool
+        )
+        pool.start()
+        self._auth_pool = pool
+        return directory
 
     def _build_scheduler(self, spool: DirectorySpool) -> Scheduler:
         from relaygw.deliver.scheduler import Scheduler
@@ -304,8 +399,15 @@ class RelayGatewayService(MultiService):
             self._factory.doStop()  # type: ignore[no-untyped-call]
             self._factory = None
         self._drop_resolver()
+        self._stop_auth_pool()
         self._spool = None
         self._log.info("relaygw stopped")
+
+    def _stop_auth_pool(self) -> None:
+        pool, self._auth_pool = self._auth_pool, None
+        if pool is not None:
+            # Joins the workers; each directory call is bounded by its timeout.
+            pool.stop()
 
 
 async def _maybe(result: object) -> None:

@@ -163,3 +163,90 @@ def test_run_rejects_bad_local(capsys: pytest.CaptureFixture[str]) -> None:
         run(["which-connector", "--local", "localhost:25", "--remote", "127.0.0.1"])
     assert exited.value.code == 2
     assert "--local" in capsys.readouterr().err
+
+
+# -- user add / user delete / test-auth (issue 3) -------------------------------
+
+
+def _fired(d: object) -> tuple[int, str]:
+    from twisted.internet.defer import Deferred
+
+    assert isinstance(d, Deferred)
+    out: list[tuple[int, str]] = []
+    d.addCallback(out.append)
+    assert out, "test-auth did not complete synchronously"
+    return out[0]
+
+
+def _run(argv: list[str], stdin: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    status = run(argv, stdout=out, stderr=err, stdin=io.StringIO(stdin))
+    return status, out.getvalue(), err.getvalue()
+
+
+def test_user_add_reads_stdin_and_never_prints_password(config_file: str) -> None:
+    """user add takes the password from stdin, writes the users file, prints no password."""
+    status, out, err = _run(["user", "add", "-c", config_file, "alice", "--address",
+                             "alice@example.test", "--group", "Relay"], "s3cret-pw\n")
+    users = Path(config_file).parent / "users"
+    assert status == 0, err
+    assert out.strip() == f"user alice added to {users}"
+    assert "s3cret-pw" not in out + err + users.read_text()
+    assert _fired(commands.test_auth(config_file, "alice", "s3cret-pw"))[0] == 0
+
+
+def test_user_add_refuses_empty_password(config_file: str) -> None:
+    """An empty password is refused and nothing is written."""
+    status, _, err = _run(["user", "add", "-c", config_file, "alice"], "\n")
+    assert status == 1 and "empty" in err
+    assert not (Path(config_file).parent / "users").exists()
+
+
+def test_user_add_prompts_twice_on_a_tty(config_file: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a terminal the password is prompted twice; differing entries are refused."""
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    answers = iter(["one", "two"])
+    monkeypatch.setattr("getpass.getpass", lambda prompt="": next(answers))
+    err = io.StringIO()
+    status = run(["user", "add", "-c", config_file, "alice"], stdout=io.StringIO(),
+                 stderr=err, stdin=Tty())
+    assert status == 1 and "differ" in err.getvalue()
+
+
+def test_user_delete(config_file: str) -> None:
+    """user delete removes a user; deleting an unknown user is status 1."""
+    _run(["user", "add", "-c", config_file, "alice"], "pw\n")
+    assert _run(["user", "delete", "-c", config_file, "alice"], "")[0] == 0
+    status, _, err = _run(["user", "delete", "-c", config_file, "alice"], "")
+    assert status == 1 and "no user alice" in err
+
+
+def test_test_auth_prints_addresses_groups_rights(tmp_path: Path) -> None:
+    """test-auth prints the user's addresses, groups and rights on each connector."""
+    path = tmp_path / "relaygw.toml"
+    path.write_text(_CONFIG.replace(
+        'name = "Printers"',
+        'name = "Printers"\ngrants = [ { group = "relay", rights = ["accept-any-sender"] } ]'))
+    commands.user_add(str(path), "scanner", "pw", ["scan@example.test"], ["Relay"])
+    status, text = _fired(commands.test_auth(str(path), "SCANNER", "pw"))
+    assert status == 0
+    assert text.splitlines() == [
+        "authenticated: scanner",
+        "addresses: scan@example.test",
+        "groups: Relay",
+        "rights:",
+        "  Default: relay, submit",
+        "  Printers: accept-any-sender, relay, submit",
+        "  Old: relay, submit",
+    ]
+
+
+def test_test_auth_wrong_password(config_file: str) -> None:
+    """test-auth with a wrong password is status 1 and never shows the password."""
+    commands.user_add(config_file, "alice", "right", [], [])
+    status, text = _fired(commands.test_auth(config_file, "alice", "wrong-pw"))
+    assert status == 1 and "wrong-pw" not in text

@@ -6,6 +6,7 @@ The commands themselves are in L{relaygw.cli.commands}.
 from __future__ import annotations
 
 import argparse
+import getpass
 import ipaddress
 import sys
 from collections.abc import Sequence
@@ -16,7 +17,29 @@ from relaygw.config._model import Binding
 from relaygw.config._units import parse_binding
 from relaygw.errors import ConfigError
 
-__all__ = ["main", "run"]
+__all__ = ["PasswordError", "main", "read_password", "run"]
+
+
+class PasswordError(Exception):
+    """No usable password was given (empty, or the two prompts differ)."""
+
+
+def read_password(stdin: TextIO, *, confirm: bool) -> str:
+    """
+    The password: the first line of C{stdin} when it is not a terminal (line
+    end removed), else a prompt without echo (twice when C{confirm}).
+
+    @raise PasswordError: empty, or the two entries differ.
+    """
+    if not stdin.isatty():
+        password = stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if confirm and getpass.getpass("Password (again): ") != password:
+            raise PasswordError("the passwords differ")
+    if not password:
+        raise PasswordError("empty password refused")
+    return password
 
 
 def _address(text: str) -> str:
@@ -61,13 +84,54 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument(
         "--remote", required=True, type=_address, metavar="IP", help="the client's address"
     )
+    user = sub.add_parser("user", help="manage the local users file",
+                          description="manage the [users] file of a configuration")
+    user_sub = user.add_subparsers(dest="user_command", required=True, metavar="ACTION")
+    for action, text in (("add", "add or replace a user (password from stdin or a prompt)"),
+                         ("delete", "delete a user")):
+        command = user_sub.add_parser(action, help=text, description=text)
+        command.add_argument("-c", "--config", metavar="PATH",
+                             help="configuration file (default: the embedded default)")
+        command.add_argument("name", metavar="NAME", help="the login name")
+        if action == "add":
+            command.add_argument("--address", action="append", default=[], metavar="ADDR",
+                                 help="an address the user may send as (repeatable)")
+            command.add_argument("--group", action="append", default=[], metavar="G",
+                                 help="a group, matched by connector grants (repeatable)")
+    test = with_config("test-auth", "check a password and show the user's rights")
+    test.add_argument("user", metavar="USER", help="the login name")
     return parser
+
+
+def _test_auth(config: str | None, user: str, password: str) -> tuple[int, str]:
+    """Run L{commands.test_auth} on the global reactor (task.react), with a thread pool."""
+    from twisted.internet import task
+    from twisted.internet.defer import Deferred
+    from twisted.internet.interfaces import IReactorFromThreads
+    from twisted.python.threadpool import ThreadPool
+
+    outcome: list[tuple[int, str]] = []
+
+    async def go(reactor: IReactorFromThreads) -> None:
+        pool = ThreadPool(minthreads=0, maxthreads=2, name="relaygw-test-auth")
+        pool.start()
+        try:
+            outcome.append(await commands.test_auth(config, user, password, reactor, pool))
+        finally:
+            pool.stop()
+
+    try:
+        task.react(lambda r: Deferred.fromCoroutine(go(r)))
+    except SystemExit:
+        pass
+    return outcome[0] if outcome else (1, "test-auth did not complete")
 
 
 def run(
     argv: Sequence[str] | None = None,
     stdout: TextIO | None = None,
     stderr: TextIO | None = None,
+    stdin: TextIO | None = None,
 ) -> int:
     """
     Run one command and print its output.
@@ -76,8 +140,27 @@ def run(
     """
     out = stdout if stdout is not None else sys.stdout
     err = stderr if stderr is not None else sys.stderr
+    inp = stdin if stdin is not None else sys.stdin
     args = _parser().parse_args(argv)
     try:
+        if args.command in ("user", "test-auth"):
+            adding = args.command == "user" and args.user_command == "add"
+            if args.command == "user" and args.user_command == "delete":
+                status, text = commands.user_delete(args.config, args.name)
+            else:
+                try:
+                    password = read_password(inp, confirm=adding)
+                except PasswordError as error:
+                    print(error, file=err)
+                    return 1
+                if adding:
+                    status, text = commands.user_add(args.config, args.name, password,
+                                                     args.address, args.group)
+                else:
+                    commands.load_config(args.config)  # a bad configuration fails before react
+                    status, text = _test_auth(args.config, args.user, password)
+            print(text, file=out if status == 0 else err)
+            return status
         if args.command == "check-config":
             status, text = commands.check_config(args.config)
             print(text, file=out if status == 0 else err)

@@ -16,8 +16,10 @@ from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
-from relaygw.config._model import Config, Connector
-from relaygw.interfaces import IConnectorSelector, ISpool
+from relaygw.auth.checker import AddressLookup
+from relaygw.auth.throttle import Throttle
+from relaygw.config._model import AuthThrottle, Config, Connector
+from relaygw.interfaces import IConnectorSelector, IDirectory, ISpool
 from relaygw.session.limits import ConnectionCounter, RateLimiter
 from relaygw.session.protocol import Session
 
@@ -34,6 +36,8 @@ class SessionFactory(ServerFactory):
     @ivar selector: the connector selector new sessions ask.
     @ivar spool: where accepted messages go.
     @ivar portal: the twisted.cred portal for AUTH, or C{None} (no AUTH).
+    @ivar addresses: recipient lookups for C{validate_recipients}, or
+        C{None} when no directory was given (nothing is validated).
     """
 
     _log = Logger()
@@ -47,11 +51,15 @@ class SessionFactory(ServerFactory):
         reactor: IReactorTime,
         tls_options: TLSOptionsMaker | None = None,
         portal: object | None = None,
+        directory: IDirectory | None = None,
     ) -> None:
         """
         @param tls_options: C{tls_options(connector)} gives the server TLS
             options for C{transport.startTLS}, or C{None} when the connector
             has no usable certificate.  C{None} here: no TLS at all.
+        @param portal: a L{twisted.cred.portal.Portal} whose realm serves
+            L{relaygw.auth.realm.IAuthenticatedUser}.
+        @param directory: the store C{validate_recipients} asks.
         """
         self.selector = selector
         self.config = config
@@ -62,6 +70,8 @@ class SessionFactory(ServerFactory):
         self._tls_cache: dict[Connector, object | None] = {}
         self._counters: dict[str, tuple[tuple[int, int], ConnectionCounter]] = {}
         self._limiters: dict[str, tuple[object, RateLimiter]] = {}
+        self._throttles: dict[str, tuple[AuthThrottle, Throttle]] = {}
+        self.addresses = AddressLookup(directory, reactor) if directory is not None else None
         self._serial = itertools.count(1)
         self._boot = int(reactor.seconds())
 
@@ -123,4 +133,13 @@ class SessionFactory(ServerFactory):
         if held is None or held[0] != rate:
             held = (rate, RateLimiter(rate, self._reactor))
             self._limiters[connector.name] = held
+        return held[1]
+
+    def auth_throttle(self, connector: Connector) -> Throttle:
+        """The AUTH failure throttle of C{connector}, kept across reconfigures while its settings stay."""
+        settings = connector.auth_throttle
+        held = self._throttles.get(connector.name)
+        if held is None or held[0] != settings:
+            held = (settings, Throttle(settings, self._reactor))
+            self._throttles[connector.name] = held
         return held[1]

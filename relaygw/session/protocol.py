@@ -28,6 +28,8 @@ from datetime import datetime, timezone
 from email.utils import formatdate
 from typing import TYPE_CHECKING, Any, Callable, cast
 
+from twisted.cred.portal import Portal
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHandshakeListener,
@@ -43,12 +45,14 @@ from zope.interface import implementer
 
 from relaygw import replies
 from relaygw.accept.intake import DataDecoder, MessageIntake, Transaction
+from relaygw.auth import sasl
+from relaygw.auth.throttle import LoginResult, guarded_login
 from relaygw.auth.user import AuthenticatedUser
 from relaygw.config._model import Config, Connector
 from relaygw.errors import DeferReply, RejectReply
-from relaygw.interfaces import IConnectorSelector
+from relaygw.interfaces import DirectoryUnavailable, IConnectorSelector
 from relaygw.replies import Reply
-from relaygw.session.address import AddressError, parse_mail_from, parse_rcpt_to
+from relaygw.session.address import AddressError, Mailbox, parse_mail_from, parse_rcpt_to
 from relaygw.session.headers import message_id, received_header, with_keyword
 from relaygw.session.limits import ConnectionCounter
 from relaygw.session.policy import Policy
@@ -66,6 +70,9 @@ MAX_LINE = 2000
 #: The bad command that closes the connection.
 MAX_BAD_COMMANDS = 10
 _BODY_TYPES = frozenset({"7BIT", "8BITMIME", "BINARYMIME"})
+#: Input held while a command waits (AUTH check, recipient lookup) before
+#: the transport is paused.
+_MAX_PENDING = 256 * 1024
 
 
 def plain_ip(host: str) -> str:
@@ -130,6 +137,11 @@ class Session(Protocol, TimeoutMixin):
         self._client_ip = ""
         self._client_port = 0
         self._verbose = False
+        self._sasl: sasl.Exchange | None = None
+        self._waiting = False
+        self._pending = b""
+        self._paused = False
+        self._dispatching = False
 
     # -- Twisted plumbing ---------------------------------------------------
 
@@ -241,6 +253,7 @@ class Session(Protocol, TimeoutMixin):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._lost = True
+        self._sasl, self._pending = None, b""
         self._set_timeout(None)
         self._abort_message()
         if self._counter is not None:
@@ -265,8 +278,19 @@ class Session(Protocol, TimeoutMixin):
         if self._closing or self._mode == "closed":
             return
         self.resetTimeout()  # type: ignore[no-untyped-call]
+        if self._waiting:
+            # PIPELINING order: later input waits for the pending answer.
+            self._pending += data
+            if len(self._pending) > _MAX_PENDING and not self._paused and self.transport:
+                self._paused = True
+                self.transport.pauseProducing()  # type: ignore[attr-defined]
+            return
+        self._process(data)
+
+    def _process(self, data: bytes) -> None:
+        self._dispatching = True
         try:
-            while data and not self._closing:
+            while data and not self._closing and not self._waiting:
                 if self._mode == "data":
                     data = self._data_received(data)
                 elif self._mode == "bdat":
@@ -278,7 +302,34 @@ class Session(Protocol, TimeoutMixin):
             self._send(replies.INTERNAL_ERROR)
             self._close()
         finally:
+            self._dispatching = False
             self._flush()
+
+    def _await(self, answer: Deferred[Reply]) -> None:
+        """Answer when C{answer} fires; input that arrives meanwhile waits."""
+        self._waiting = True
+
+        def done(reply: Reply) -> None:
+            self._waiting = False
+            if self._closing or self._mode == "closed":
+                return
+            self._answer(reply)
+            if not self._dispatching:
+                self._drain()
+
+        def failed(failure: Failure) -> None:
+            self._log.failure("unexpected error answering {peer}", failure, **self._fields())
+            done(replies.INTERNAL_ERROR)
+
+        answer.addCallbacks(done, failed)
+
+    def _drain(self) -> None:
+        """Go on with the input held while waiting."""
+        data, self._pending = self._pending, b""
+        if self._paused and not self._lost and self.transport:
+            self._paused = False
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+        self._process(data)
 
     def _lines_received(self, data: bytes) -> bytes:
         """Handle complete command lines; return what follows a switch to raw mode."""
@@ -300,7 +351,13 @@ class Session(Protocol, TimeoutMixin):
                 return b""
             line = buf[pos:end]
             pos = nl + 1
-            self._command(line)
+            if self._sasl is not None:
+                self._auth_line(line)
+            else:
+                self._command(line)
+            if self._waiting:
+                self._pending = buf[pos:]
+                return b""
             if self._discard_rest:
                 self._discard_rest = False
                 return b""
@@ -341,7 +398,9 @@ class Session(Protocol, TimeoutMixin):
             self._log.failure("unexpected error handling {verb} from {peer}", verb=verb,
                               **self._fields())
             reply = replies.INTERNAL_ERROR
-        if reply is not None:
+        if isinstance(reply, Deferred):
+            self._await(reply)
+        elif reply is not None:
             self._answer(reply)
 
     # -- output -------------------------------------------------------------
@@ -459,12 +518,62 @@ class Session(Protocol, TimeoutMixin):
             )
         self._tls_active = True
         self._reset_transaction()
-        self.helo, self._esmtp, self.user = None, False, None
+        self.helo, self._esmtp, self.user, self._sasl = None, False, None, None
         return None
 
-    def do_AUTH(self, args: str) -> Reply:
-        # Issue 3 brings SASL; until then no mechanism is available.
-        return replies.AUTH_MECHANISM
+    # -- AUTH (RFC 4954) ------------------------------------------------------
+
+    def do_AUTH(self, args: str) -> Reply | Deferred[Reply]:
+        if self.helo is None:
+            return replies.NEED_HELO
+        if self.user is not None:
+            return replies.AUTH_ALREADY
+        if self._txn is not None:
+            return replies.BAD_SEQUENCE  # RFC 4954 section 4: not during a transaction
+        parts = args.split()
+        if not 1 <= len(parts) <= 2:
+            return replies.SYNTAX_ERROR
+        offered = {m.upper() for m in self._c.auth_mechanisms}
+        started = sasl.start(parts[0], parts[1] if len(parts) == 2 else None)
+        if not self._auth_offered() or parts[0].upper() not in offered or started is None:
+            return replies.AUTH_MECHANISM
+        return self._auth_step(*started)
+
+    def _auth_line(self, line: bytes) -> None:
+        """A client response inside an AUTH exchange (never logged: it is a secret)."""
+        exchange = self._sasl
+        assert exchange is not None
+        if self._verbose:
+            self._log.debug("< {data}", event="receive.command", data="****", **self._fields())
+        reply = self._auth_step(exchange, exchange.respond(line.decode("ascii", "replace")))
+        if isinstance(reply, Deferred):
+            self._await(reply)
+        else:
+            self._answer(reply)
+
+    def _auth_step(self, exchange: sasl.Exchange, step: sasl.Step) -> Reply | Deferred[Reply]:
+        if isinstance(step, sasl.Challenge):
+            self._sasl = exchange
+            return replies.auth_challenge(step.prompt)
+        self._sasl = None
+        if isinstance(step, sasl.Refused):
+            self._log.warn("AUTH from {peer} refused: {reason}", event="auth.result",
+                           result="failure", reason=step.reason, auth_user=None,
+                           **self._fields())
+            return step.reply
+        credentials = sasl.Credentials(step.username, step.password, self._client_ip,
+                                       self._c.name)
+        login = guarded_login(cast(Portal, self._factory.portal),
+                              self._factory.auth_throttle(self._c), credentials,
+                              self._reactor, self._fields())
+        return login.addCallback(self._authenticated)
+
+    def _authenticated(self, result: LoginResult) -> Reply:
+        if result.user is not None:
+            self.user = result.user
+            self._log.info("authenticated as {auth_user}", event="receive.authenticated",
+                           auth_user=result.user.name, **self._fields())
+        return result.reply
 
     def do_MAIL(self, args: str) -> Reply | None:
         if self.helo is None:
@@ -508,7 +617,7 @@ class Session(Protocol, TimeoutMixin):
             self._txn = Transaction(sender, body=body, smtputf8=smtputf8)
         return reply
 
-    def do_RCPT(self, args: str) -> Reply:
+    def do_RCPT(self, args: str) -> Reply | Deferred[Reply]:
         if self.helo is None:
             return replies.NEED_HELO
         txn = self._txn
@@ -527,9 +636,38 @@ class Session(Protocol, TimeoutMixin):
         assert self._policy is not None
         reply = self._policy.check_rcpt(rights=self._rights(), recipient=recipient,
                                         accepted_so_far=len(txn.recipients))
-        if reply.code < 400:
-            txn.recipients.append(recipient)
+        if reply.code >= 400:
+            return reply
+        entry = self._config.accepted_domain(recipient.routing_domain)
+        if (entry is not None and entry.type == "authoritative" and entry.validate_recipients
+                and self._factory.addresses is not None
+                and not recipient.routing_domain.startswith("[")):
+            return Deferred.fromCoroutine(self._validate(txn, recipient))
+        txn.recipients.append(recipient)
         return reply
+
+    async def _validate(self, txn: Transaction, recipient: Mailbox) -> Reply:
+        """C{validate_recipients}: look C{recipient} up in the directory (cached)."""
+        lookup = self._factory.addresses
+        assert lookup is not None
+        address = f"{recipient.local}@{recipient.routing_domain}"
+        try:
+            exists = await lookup.exists(address)
+        except DirectoryUnavailable as error:
+            self._log.error("recipient lookup failed: {problem}", problem=str(error),
+                            event="receive.lookup-failed", **self._fields())
+            return replies.RECIPIENT_LOOKUP_FAILED
+        except Exception:
+            self._log.failure("recipient lookup failed", event="receive.lookup-failed",
+                              **self._fields())
+            return replies.RECIPIENT_LOOKUP_FAILED
+        if not exists:
+            self._log.info("recipient <{recipient}> not found", recipient=address,
+                           event="receive.recipient-unknown", **self._fields())
+            return replies.RECIPIENT_NOT_FOUND
+        if self._txn is txn:
+            txn.recipients.append(recipient)
+        return replies.RCPT_OK
 
     def do_DATA(self, args: str) -> Reply:
         if args:
