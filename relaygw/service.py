@@ -7,9 +7,10 @@ spool is recovered)::
     privilegedStartService   bind every planned socket (root may be needed for
                              ports below 1024); connections wait for startService
     startService             create spool and log directories, recover the spool,
-                             build router, targets and scheduler, check or generate
-                             certificates, build the selector and session factory,
-                             then open the sockets to connections
+                             start delivery (the delivery process, or an in-process
+                             scheduler), check or generate certificates, build the
+                             selector and session factory, then open the sockets to
+                             connections
 
 twistd calls both before the reactor runs; when only L{startService} is
 called (tests, embedding), it binds the sockets itself, last.
@@ -19,7 +20,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Literal, cast
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList
@@ -37,9 +39,9 @@ from relaygw.config._model import Config, Connector
 from relaygw.interfaces import IDirectory
 from relaygw.listen.bindings import ListenError, ListenSocket, listen_on, plan_sockets
 from relaygw.listen.tls import ServerTLSOptions, TLSSetupError, ensure_certificate
+from relaygw.runner import DeliveryProcess, build_scheduler
 
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import IResolver
     from twisted.cred.portal import Portal
     from twisted.internet.protocol import _ProtoWithFactory
     from twisted.python.threadpool import ThreadPool
@@ -157,19 +159,34 @@ class RelayGatewayService(MultiService):
 
     _log = Logger()
 
-    def __init__(self, config: Config, reactor: IServeReactor) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reactor: IServeReactor,
+        *,
+        delivery: Literal["process", "inline"] = "inline",
+        config_path: str | None = None,
+    ) -> None:
         """
         @param config: a validated configuration.
         @param reactor: the reactor to listen, connect and keep time with;
-            IPv6 sockets need a real (file-descriptor based) reactor.
+            IPv6 sockets need a real (file-descriptor based) reactor, and
+            C{delivery="process"} one that spawns processes.
+        @param delivery: C{"process"} (what twistd runs): the scheduler runs
+            in the delivery process (L{relaygw.runner}), which loads the same
+            configuration from C{config_path} (C{None}: the embedded default);
+            C{"inline"}: in this process (tests, embedding).
         """
         super().__init__()  # type: ignore[no-untyped-call]
         self.config = config
         self._reactor = reactor
+        self._delivery_mode = delivery
+        self._config_path = config_path
+        self._delivery: DeliveryProcess | None = None
+        self._release: Callable[[], None] = _nothing
         self._gate = _Gate()
         self._ports: list[IListeningPort] = []
         self._tls = ServerTLSOptions()
-        self._resolver: IResolver | None = None
         self._spool: DirectorySpool | None = None
         self._scheduler: Scheduler | None = None
         self._factory: SessionFactory | None = None
@@ -201,7 +218,7 @@ class RelayGatewayService(MultiService):
             self._start()
         except BaseException:
             self._close_ports()
-            self._drop_resolver()
+            self._release()
             self._stop_auth_pool()
             raise
         super().startService()  # type: ignore[no-untyped-call]
@@ -229,7 +246,12 @@ class RelayGatewayService(MultiService):
             spool_dir=str(root),
             count=len(recovered),
         )
-        scheduler = self._build_scheduler(spool)
+        scheduler: Scheduler | None = None
+        delivery: DeliveryProcess | None = None
+        if self._delivery_mode == "inline":
+            scheduler, self._release = build_scheduler(config, self._reactor, spool)
+        else:
+            delivery = DeliveryProcess(reactor=self._reactor, config_path=self._config_path)
         store = self._build_directory()
         factory = SessionFactory(
             selector=ConnectorSelector(config.connectors),
@@ -245,8 +267,14 @@ class RelayGatewayService(MultiService):
         # Nothing above leaves timers or threads behind if it raises; from
         # here on nothing raises.
         self._spool, self._scheduler, self._factory = spool, scheduler, factory
-        scheduler.start(recovered)
-        spool.subscribe(scheduler.enqueue)
+        if scheduler is not None:
+            scheduler.start(recovered)
+            spool.subscribe(scheduler.enqueue)
+        if delivery is not None:
+            # Spawned after recovery: the child lists the committed entries.
+            self._delivery = delivery
+            delivery.startService()
+            spool.subscribe(lambda envelope: delivery.notify(envelope.id))
         factory.doStart()  # type: ignore[no-untyped-call]
         self._gate.target = self._factory
 
@@ -268,52 +296,6 @@ class RelayGatewayService(MultiService):
         pool.start()
         self._auth_pool = pool
         return directory
-
-    def _build_scheduler(self, spool: DirectorySpool) -> Scheduler:
-        from relaygw.deliver.scheduler import Scheduler
-        from relaygw.deliver.targets import build_target
-        from relaygw.route.router import Router
-
-        config = self.config
-        resolver = self._dns_resolver() if any(r.via == "mx" for r in config.routes) else None
-        targets = {
-            route.name: build_target(
-                route, reactor=self._reactor, resolver=resolver, helo=config.gateway.hostname
-            )
-            for route in config.routes
-        }
-        return Scheduler(
-            spool=spool,
-            router=Router(config),
-            targets=targets,
-            concurrency={route.name: route.max_concurrency for route in config.routes},
-            queue=config.queue,
-            clock=self._reactor,
-        )
-
-    def _dns_resolver(self) -> IResolver:
-        from twisted.names import client
-
-        servers = [(s.host, s.port) for s in self.config.dns.servers]
-        if servers:
-            resolver = client.Resolver(  # type: ignore[no-untyped-call]
-                servers=servers, reactor=self._reactor
-            )
-        else:
-            resolver = client.Resolver(  # type: ignore[no-untyped-call]
-                resolv="/etc/resolv.conf", reactor=self._reactor
-            )
-        self._resolver = resolver
-        return resolver
-
-    def _drop_resolver(self) -> None:
-        if self._resolver is not None:
-            # client.Resolver re-reads resolv.conf from a repeating delayed
-            # call that nothing else cancels.
-            call = getattr(self._resolver, "_parseCall", None)
-            if call is not None and call.active():
-                call.cancel()
-            self._resolver = None
 
     def _check_certificates(self, connectors: tuple[Connector, ...]) -> None:
         """
@@ -395,10 +377,14 @@ class RelayGatewayService(MultiService):
         if self._scheduler is not None:
             await self._scheduler.stop()
             self._scheduler = None
+        if self._delivery is not None:
+            await self._delivery.stopService()
+            self._delivery = None
         if self._factory is not None:
             self._factory.doStop()  # type: ignore[no-untyped-call]
             self._factory = None
-        self._drop_resolver()
+        self._release()
+        self._release = _nothing
         self._stop_auth_pool()
         self._spool = None
         self._log.info("relaygw stopped")
@@ -408,6 +394,10 @@ class RelayGatewayService(MultiService):
         if pool is not None:
             # Joins the workers; each directory call is bounded by its timeout.
             pool.stop()
+
+
+def _nothing() -> None:
+    pass
 
 
 async def _maybe(result: object) -> None:

@@ -72,7 +72,12 @@ def makeService(options: Options) -> IService:
     from relaygw._types import IServeReactor
     from relaygw.service import RelayGatewayService
 
-    return RelayGatewayService(options.config, cast(IServeReactor, reactor))
+    return RelayGatewayService(
+        options.config,
+        cast(IServeReactor, reactor),
+        delivery="process",
+        config_path=options["config"],
+    )
 
 
 def json_log() -> ILogObserver:
