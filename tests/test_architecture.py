@@ -26,6 +26,7 @@ PURE = (
     "relaygw.route.router",
     "relaygw.deliver.outcome",
     "relaygw.spool.ids",
+    "relaygw.quoting",
 )
 # Interfaces and exception types are values, not runtime: pure code may name them.
 _PURE_TWISTED_OK = (

@@ -12,6 +12,7 @@ from zope.interface import implementer
 
 from relaygw.config._model import Config
 from relaygw.interfaces import IRouter
+from relaygw.quoting import UnbalancedQuote, unquoted
 
 __all__ = ["Router", "split_address", "routing_domain"]
 
@@ -26,20 +27,12 @@ def split_address(address: str) -> tuple[str, str]:
         no C{@} outside quotes.
     """
     at = -1
-    quoted = False
-    i = 0
-    while i < len(address):
-        c = address[i]
-        if quoted:
-            if c == "\\":
-                i += 1
-            elif c == '"':
-                quoted = False
-        elif c == '"':
-            quoted = True
-        elif c == "@":
-            at = i
-        i += 1
+    try:
+        for i, c in unquoted(address):
+            if c == "@":
+                at = i
+    except UnbalancedQuote:
+        pass  # the receive side refuses these; route on what was seen
     if at < 0:
         return address, ""
     return address[:at], address[at + 1 :]

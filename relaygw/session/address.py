@@ -30,6 +30,7 @@ import unicodedata
 from attrs import frozen
 
 from relaygw import replies
+from relaygw.quoting import UnbalancedQuote, unquoted
 from relaygw.replies import Reply
 
 __all__ = ["AddressError", "Mailbox", "parse_mail_from", "parse_rcpt_to"]
@@ -239,44 +240,26 @@ def _unquoted_at(local_and_domain: str) -> int | None:
     Raises L{_Bad} for an unbalanced quote or a second unquoted C{@}.
     """
     found: int | None = None
-    quoted = False
-    i = 0
-    while i < len(local_and_domain):
-        c = local_and_domain[i]
-        if quoted:
-            if c == "\\":
-                i += 1
-            elif c == '"':
-                quoted = False
-        elif c == '"':
-            quoted = True
-        elif c == "@":
-            if found is not None:
-                raise _Bad("more than one @ outside quotes")
-            found = i
-        i += 1
-    if quoted:
-        raise _Bad("unbalanced quote")
+    try:
+        for i, c in unquoted(local_and_domain):
+            if c == "@":
+                if found is not None:
+                    raise _Bad("more than one @ outside quotes")
+                found = i
+    except UnbalancedQuote:
+        raise _Bad("unbalanced quote") from None
     return found
 
 
 def _check_local(local: str) -> None:
     if not local:
         raise _Bad("empty local part")
-    quoted = False
-    i = 0
-    while i < len(local):
-        c = local[i]
-        if quoted:
-            if c == "\\":
-                i += 1
-            elif c == '"':
-                quoted = False
-        elif c == '"':
-            quoted = True
-        elif c in _LOCAL_SPECIALS or c.isspace():
-            raise _Bad("special character in local part")
-        i += 1
+    try:
+        for _, c in unquoted(local):
+            if c in _LOCAL_SPECIALS or c.isspace():
+                raise _Bad("special character in local part")
+    except UnbalancedQuote:
+        raise _Bad("unbalanced quote") from None
 
 
 def _check_domain(domain: str) -> None:
