@@ -11,18 +11,27 @@ C{typing.cast} to the composite they need.
 from __future__ import annotations
 
 from twisted.internet.interfaces import (
+    IReactorFromThreads,
     IReactorSSL,
     IReactorTCP,
     IReactorThreads,
     IReactorTime,
 )
 
-__all__ = ["IServeReactor", "IServeThreadsReactor"]
+__all__ = ["IServeReactor", "IServeThreadsReactor", "ISpoolReactor"]
 
 
-class IServeReactor(IReactorTCP, IReactorTime, IReactorSSL):
+class ISpoolReactor(IReactorTime, IReactorFromThreads):
     """
-    What the gateway service needs: TCP listening and connecting, time, TLS.
+    What the directory spool needs: time for queue ids, and C{callFromThread}
+    for the results of its commit thread.
+    """
+
+
+class IServeReactor(IReactorTCP, IReactorSSL, ISpoolReactor):
+    """
+    What the gateway service needs: TCP listening and connecting, time, TLS,
+    and results from the spool's commit thread.
     """
 
 

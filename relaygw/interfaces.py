@@ -6,7 +6,12 @@ relaygw's own seams.  Each docstring is the contract.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
 
 
 class IConnectorSelector(Interface):
@@ -39,25 +44,35 @@ class IMessageWriter(Interface):
 
     def write(data: bytes) -> None:
         """
-        Append C{data} to the message file (synchronously, buffered).
+        Append C{data} to the message (synchronously; at most a bounded
+        amount is held in memory, the rest goes to the data file).
 
         @raise OSError: the spool cannot take it; the caller answers 452 4.3.1
             and calls L{abort}.
         """
 
-    def commit(envelope: object) -> None:
+    def commit(envelope: object) -> Deferred[None]:
         """
-        Make the message durable: flush and fsync the data file, write the
-        L{relaygw.spool.envelope.Envelope} (its C{id} is L{queue_id}) to a
-        temporary file, fsync it, rename it into place (the commit marker),
-        fsync the directory.  Only after this returns may the client get 250.
-        Then the spool's subscribers are told (L{ISpool.subscribe}).
+        Make the message durable, off the reactor thread: write and fsync
+        the data file, write the L{relaygw.spool.envelope.Envelope} (its
+        C{id} is L{queue_id}) to a temporary file, fsync it, rename it into
+        place (the commit marker), fsync the directory.  Then the spool's
+        subscribers are told (L{ISpool.subscribe}) and the Deferred fires.
+        Only after it has fired may the client get 250.  The commit completes
+        even if nobody waits for it any more (the client went away).
 
-        @raise OSError: nothing was acknowledged; partial files are removed.
+        @return: a Deferred firing with C{None} once the entry is durable, or
+            failing with the L{OSError} that stopped it: then nothing was
+            committed and the entry's files are removed.
+        @raise ValueError: the writer is closed, or the envelope is not this
+            writer's.
         """
 
     def abort() -> None:
-        """Remove whatever was written.  Idempotent; never raises."""
+        """
+        Remove whatever was written.  Idempotent; never raises; does nothing
+        once L{commit} was called.
+        """
 
 
 class ISpool(Interface):
@@ -71,9 +86,10 @@ class ISpool(Interface):
 
     def begin() -> IMessageWriter:
         """
-        Reserve a new queue id and open its data file.
+        Reserve a new queue id for a message (its files may be created
+        only later, by L{IMessageWriter.write} or L{IMessageWriter.commit}).
 
-        @raise OSError: the spool is not writable.
+        @raise OSError: the spool cannot take messages.
         """
 
     def recover() -> list[object]:
@@ -100,7 +116,8 @@ class ISpool(Interface):
 
     def update(envelope: object) -> None:
         """
-        Atomically replace an entry's envelope (temp file, fsync, rename).
+        Atomically replace an entry's envelope (temp file, fsync, rename,
+        directory fsync), synchronously.
 
         @raise KeyError: no such entry.
         """
@@ -110,8 +127,9 @@ class ISpool(Interface):
 
     def subscribe(callback: object) -> None:
         """
-        Call C{callback(envelope)} after every commit, in the committing
-        thread (the reactor thread).  The callback must not raise.
+        Call C{callback(envelope)} after every commit is durable, on the
+        reactor thread, before the commit's Deferred fires.  The callback
+        must not raise.
         """
 
 

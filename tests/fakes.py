@@ -16,6 +16,7 @@ from typing import Any
 from pathlib import Path
 
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from zope.interface import implementer
 
@@ -42,7 +43,8 @@ class RecordingWriter:
     One message written into a L{RecordingSpool}.
 
     @ivar data: everything written, while the message is open or committed.
-    @ivar state: C{"open"}, C{"committed"} or C{"aborted"}.
+    @ivar state: C{"open"}, C{"committing"} (held), C{"committed"} or
+        C{"aborted"} (also after a failed commit).
     """
 
     def __init__(self, spool: RecordingSpool, queue_id: str) -> None:
@@ -67,17 +69,30 @@ class RecordingWriter:
             self._data.write(data)
         self.size += len(data)
 
-    def commit(self, envelope: object) -> None:
+    def commit(self, envelope: object) -> Deferred[None]:
         if self.state != "open":
             raise ValueError(f"commit of {self.state} writer {self.queue_id}")
         if not isinstance(envelope, Envelope) or envelope.id != self.queue_id:
             raise ValueError("commit needs this writer's Envelope")
-        if self._spool.fail_commit:
-            raise OSError(5, "Input/output error (fake)")
+        self.state = "committing"
+        if self._spool.hold_commits:
+            waiting: Deferred[None] = Deferred()
+            self._spool.held.append((self, envelope, waiting))
+            return waiting
+        return self._finish_commit(envelope, self._spool.fail_commit)
+
+    def _finish_commit(self, envelope: Envelope, failed: bool) -> Deferred[None]:
+        if failed:
+            # Like the real spool: a failed commit removes the entry itself.
+            self.state = "aborted"
+            self._spool.aborted.append(self.queue_id)
+            self._data = io.BytesIO()
+            return fail(OSError(5, "Input/output error (fake)"))
         self.state = "committed"
         self._spool.committed.append((envelope, self.data))
         for callback in self._spool.subscribers:
             callback(envelope)
+        return succeed(None)
 
     def abort(self) -> None:
         if self.state == "open":
@@ -96,7 +111,9 @@ class RecordingSpool:
     @ivar writers: every writer handed out.
     @ivar fail_begin: make L{begin} raise L{OSError}.
     @ivar fail_write: make C{write} raise L{OSError}.
-    @ivar fail_commit: make C{commit} raise L{OSError}.
+    @ivar fail_commit: make C{commit}'s Deferred fail with L{OSError}.
+    @ivar hold_commits: make C{commit} return a Deferred that fires only
+        when the test calls L{release}; the commits wait in C{held}.
     @ivar keep_data: C{False} counts written octets but stores nothing (for
         memory checks and measurements with many messages).
     """
@@ -109,8 +126,16 @@ class RecordingSpool:
         self.fail_begin = False
         self.fail_write = False
         self.fail_commit = False
+        self.hold_commits = False
+        self.held: list[tuple[RecordingWriter, Envelope, Deferred[None]]] = []
         self.keep_data = True
         self._next = 0
+
+    def release(self, *, failed: bool = False) -> None:
+        """Finish every held commit (successfully unless C{failed}), oldest first."""
+        held, self.held = self.held, []
+        for writer, envelope, waiting in held:
+            writer._finish_commit(envelope, failed).chainDeferred(waiting)
 
     def begin(self) -> RecordingWriter:
         if self.fail_begin:

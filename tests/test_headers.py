@@ -134,3 +134,39 @@ def test_message_id_random_part_differs() -> None:
     """Two Message-IDs for the same queue id and host still differ."""
     ids = {message_id("Q", "h.example") for _ in range(50)}
     assert len(ids) == 50
+
+
+def test_cached_dates_follow_the_second() -> None:
+    """
+    The per-second date caches give exactly the uncached text for every
+    second, also when time moves backwards or within a second.
+    """
+    from email.utils import format_datetime, formatdate
+
+    from relaygw.session.headers import banner_date, rfc5322_date
+
+    base = WHEN.timestamp()
+    for offset in (0.0, 0.2, 0.999, 1.0, 61.5, -3600.25, 0.5):
+        t = base + offset
+        whole = datetime.fromtimestamp(int(t // 1), timezone.utc)
+        assert rfc5322_date(t) == format_datetime(whole)
+        assert banner_date(t) == formatdate(int(t // 1), usegmt=True)
+        stamp = _received(when=datetime.fromtimestamp(t, timezone.utc))
+        assert stamp.endswith(f"; {format_datetime(whole)}\r\n".encode())
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["plain.host-name_1", "a b", "x(y)", 'q"uote', "a\\b", "<>", ";", "\x00\x7f", "ü", "tab\t",
+     "zero\u200bwidth", "".join(chr(c) for c in range(0x20, 0x80))],
+)
+def test_helo_cleaning_fast_path_matches_the_rule(text: str) -> None:
+    """Cleaning a HELO name gives the same text whether or not it takes the all-safe shortcut."""
+    import unicodedata
+
+    expected = "".join(
+        "?" if (c in "();\\\"<>" or c.isspace() or not c.isascii()
+                or unicodedata.category(c) in ("Cc", "Cs", "Cf")) else c
+        for c in text
+    )
+    assert _received(helo=text).startswith(f"Received: from {expected} (".encode())

@@ -146,7 +146,7 @@ class MessageIntakeTests(SynchronousTestCase):
         intake = make_intake(spool)
         for c in (b"Subject: a\r\nFr", b"om: b\r\n", b"\r\nbody\r\n"):
             intake.feed(c)
-        env = intake.finish(envelope_maker(intake.queue_id))
+        env = self.successResultOf(intake.finish(envelope_maker(intake.queue_id)))
         self.assertEqual(env.message_id, NEW_ID)
         self.assertEqual(
             spool.committed[0][1],
@@ -158,7 +158,7 @@ class MessageIntakeTests(SynchronousTestCase):
         spool = RecordingSpool()
         intake = make_intake(spool)
         intake.feed(b"MESSAGE-id:\r\n <abc@x.test>\r\nSubject: a\r\n\r\nMessage-ID: <no@body>\r\n")
-        env = intake.finish(envelope_maker(intake.queue_id))
+        env = self.successResultOf(intake.finish(envelope_maker(intake.queue_id)))
         self.assertEqual(env.message_id, "<abc@x.test>")
         self.assertEqual(spool.committed[0][1].lower().count(b"message-id:"), 2)
         self.assertNotIn(NEW_ID.encode(), spool.committed[0][1])
@@ -168,7 +168,7 @@ class MessageIntakeTests(SynchronousTestCase):
         spool = RecordingSpool()
         intake = make_intake(spool)
         intake.feed(b"Subject: a\r\n")
-        intake.finish(envelope_maker(intake.queue_id))
+        self.successResultOf(intake.finish(envelope_maker(intake.queue_id)))
         self.assertEqual(
             spool.committed[0][1], RECEIVED + b"Subject: a\r\nMessage-ID: <NEW@relay.test>\r\n"
         )
@@ -177,7 +177,7 @@ class MessageIntakeTests(SynchronousTestCase):
         """An empty message still gets Received and Message-ID."""
         spool = RecordingSpool()
         intake = make_intake(spool)
-        intake.finish(envelope_maker(intake.queue_id))
+        self.successResultOf(intake.finish(envelope_maker(intake.queue_id)))
         self.assertEqual(spool.committed[0][1], RECEIVED + b"Message-ID: <NEW@relay.test>\r\n")
 
     def test_size_counts_client_octets(self) -> None:
@@ -185,7 +185,7 @@ class MessageIntakeTests(SynchronousTestCase):
         spool = RecordingSpool()
         intake = make_intake(spool, max_size=10)
         intake.feed(b"\r\n12345678")
-        intake.finish(envelope_maker(intake.queue_id))
+        self.successResultOf(intake.finish(envelope_maker(intake.queue_id)))
         intake = make_intake(spool, max_size=10)
         intake.feed(b"\r\n123456789")
         e = self.assertRaises(RejectReply, intake.finish, envelope_maker(intake.queue_id))
@@ -215,7 +215,7 @@ class MessageIntakeTests(SynchronousTestCase):
         spool = RecordingSpool()
         intake = make_intake(spool, check=False)
         intake.feed(b"\r\n\x00\r\n\r")
-        intake.finish(envelope_maker(intake.queue_id))
+        self.successResultOf(intake.finish(envelope_maker(intake.queue_id)))
         self.assertTrue(spool.committed[0][1].endswith(b"\r\n\r\n\x00\r\n\r"))
 
     def test_write_failure(self) -> None:
@@ -230,21 +230,44 @@ class MessageIntakeTests(SynchronousTestCase):
         self.assertEqual(spool.writers[0].state, "aborted")
 
     def test_commit_failure(self) -> None:
-        """A failed commit gives 452 4.3.1 and an aborted writer."""
+        """A failed commit fails finish's Deferred with 452 4.3.1; nothing is committed."""
         spool = RecordingSpool()
         intake = make_intake(spool)
         spool.fail_commit = True
         intake.feed(b"\r\nbody\r\n")
-        e = self.assertRaises(DeferReply, intake.finish, envelope_maker(intake.queue_id))
-        self.assertEqual(e.reply, replies.SPOOL_FAILED)
-        self.assertEqual(spool.writers[0].state, "aborted")
+        failure = self.failureResultOf(intake.finish(envelope_maker(intake.queue_id)), DeferReply)
+        self.assertEqual(failure.value.reply, replies.SPOOL_FAILED)
+        self.assertEqual((spool.committed, spool.writers[0].state), ([], "aborted"))
+
+    def test_finish_waits_for_the_commit(self) -> None:
+        """finish's Deferred fires only when the spool's commit does, with the envelope."""
+        spool = RecordingSpool()
+        spool.hold_commits = True
+        intake = make_intake(spool)
+        intake.feed(b"\r\nbody\r\n")
+        finished = intake.finish(envelope_maker(intake.queue_id))
+        self.assertNoResult(finished)
+        spool.release()
+        self.assertEqual(self.successResultOf(finished), spool.committed[0][0])
+
+    def test_abort_after_finish_keeps_the_commit(self) -> None:
+        """The session ending while the commit is pending does not undo it."""
+        spool = RecordingSpool()
+        spool.hold_commits = True
+        intake = make_intake(spool)
+        intake.feed(b"\r\nbody\r\n")
+        finished = intake.finish(envelope_maker(intake.queue_id))
+        intake.abort()
+        spool.release()
+        self.successResultOf(finished)
+        self.assertEqual((len(spool.committed), spool.aborted), (1, []))
 
     def test_envelope_fields(self) -> None:
         """The envelope carries the writer's id and size and the message's Message-ID."""
         spool = RecordingSpool()
         intake = make_intake(spool)
         intake.feed(b"\r\nb\r\n")
-        env = intake.finish(envelope_maker(intake.queue_id))
+        env = self.successResultOf(intake.finish(envelope_maker(intake.queue_id)))
         self.assertEqual(
             (env.id, env.size, env.sender, [r.address for r in env.recipients]),
             ("Q000001", spool.writers[0].size, "a@example.test", ["b@example.test"]),

@@ -95,9 +95,9 @@ class GreetingTests(SessionTestCase):
         self.assertTrue(self.transport.disconnecting)
 
     def test_connect_event(self) -> None:
-        """An accepted connection is logged with connector, session id and peer."""
+        """With verbose protocol logging an accepted connection is logged with connector, session id and peer."""
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-        self.connect()
+        self.connect(Harness(make_connector(protocol_logging="verbose")))
         [event] = [e for e in events if e.get("event") == "receive.connect"]
         self.assertEqual(
             (event["connector"], event["peer"], event["session_id"]),

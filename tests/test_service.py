@@ -210,12 +210,12 @@ class ServiceTests(TestCase):
         from twisted.internet import reactor
 
         from relaygw.spool.envelope import Envelope, Recipient
-        from relaygw.spool.store import DirectorySpool
+        from relaygw.spool.store import DirectorySpool, SpoolWriter
 
         spool = DirectorySpool(self.base / "spool", cast(IServeReactor, reactor))
-        writer = spool.begin()
+        writer = cast(SpoolWriter, spool.begin())
         writer.write(b"Subject: before the restart\r\n\r\nhello\r\n")
-        writer.commit(
+        writer.commit_now(
             Envelope(
                 id=writer.queue_id,
                 sender="sender@example.test",

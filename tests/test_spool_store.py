@@ -2,25 +2,65 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import queue
 import shutil
 import stat
 import tempfile
+import threading
+import time
 import tracemalloc
 from pathlib import Path
+from typing import Any, Callable, TypeVar, cast
 
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from relaygw._types import ISpoolReactor
 from relaygw.interfaces import IMessageWriter, ISpool
 from relaygw.spool.envelope import Envelope, Outcome, Recipient
 from relaygw.spool.ids import new_queue_id
-from relaygw.spool.store import WRITE_BUFFER, DirectorySpool
+from relaygw.spool.store import WRITE_BUFFER, DirectorySpool, SpoolWriter
 
 _NOW = 1_767_225_600.0
+_T = TypeVar("_T")
+
+
+@implementer(IReactorTime, IReactorFromThreads)
+class ThreadReactor(Clock):
+    """
+    A L{Clock} that also takes C{callFromThread} calls into a queue, run only
+    when the test drains it on its own thread with L{settle}.
+
+    @ivar reactor_thread: the thread that made it (the test's thread).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reactor_thread = threading.get_ident()
+        self._calls: queue.Queue[Callable[[], object]] = queue.Queue()
+
+    def callFromThread(self, f: Callable[..., object], *args: object, **kw: object) -> None:
+        self._calls.put(lambda: f(*args, **kw))
+
+    def settle(self, *waiting: Deferred[Any], timeout: float = 30) -> None:
+        """Run calls from threads until every one of C{waiting} has fired."""
+        deadline = time.monotonic() + timeout
+        while not all(d.called for d in waiting):
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, "spool commit did not finish in time"
+            self._calls.get(timeout=remaining)()
+
+    def pending_calls(self) -> int:
+        """Calls from threads not run yet."""
+        return self._calls.qsize()
 
 
 def make_envelope(queue_id: str, *, received_at: float = _NOW, size: int = 0) -> Envelope:
@@ -43,18 +83,40 @@ class SpoolTestCase(SynchronousTestCase):
     def setUp(self) -> None:
         self.base = Path(tempfile.mkdtemp(prefix="relaygw-spool-"))
         self.addCleanup(shutil.rmtree, self.base, True)
-        self.clock = Clock()
+        self.clock = ThreadReactor()
         self.clock.advance(_NOW)
         self.root = self.base / "spool"
-        self.spool = DirectorySpool(self.root, self.clock)
+        self.spool = self.open_spool()
         self.queue = self.root / "queue"
+
+    def open_spool(self) -> DirectorySpool:
+        """A spool on C{self.root}, closed (and its thread stopped) at cleanup."""
+        spool = DirectorySpool(self.root, cast(ISpoolReactor, self.clock))
+
+        def close() -> None:
+            self.clock.settle(spool.close())
+
+        self.addCleanup(close)
+        return spool
+
+    def commit(self, writer: IMessageWriter, envelope: Envelope) -> None:
+        """Commit through the Deferred API and wait until it succeeded."""
+        done = writer.commit(envelope)
+        self.clock.settle(done)
+        self.assertIsNone(self.successResultOf(done))
+
+    def commit_fails(self, writer: IMessageWriter, envelope: Envelope) -> OSError:
+        """Commit through the Deferred API; return the OSError it failed with."""
+        done = writer.commit(envelope)
+        self.clock.settle(done)
+        return cast(OSError, self.failureResultOf(done, OSError).value)
 
     def store(self, data: bytes, *, received_at: float = _NOW) -> Envelope:
         """Commit C{data} as one message and return its envelope."""
         writer = self.spool.begin()
         writer.write(data)
         envelope = make_envelope(writer.queue_id, received_at=received_at, size=len(data))
-        writer.commit(envelope)
+        self.commit(writer, envelope)
         return envelope
 
     def names(self) -> list[str]:
@@ -87,9 +149,19 @@ class CommitTests(SpoolTestCase):
             writer.write(chunk)
         self.assertEqual(writer.size, sum(map(len, chunks)))
         envelope = make_envelope(writer.queue_id, size=writer.size)
-        writer.commit(envelope)
+        self.commit(writer, envelope)
         self.assertEqual(self.spool.load(writer.queue_id), envelope)
         self.assertEqual(self.spool.data_path(writer.queue_id).read_bytes(), b"".join(chunks))
+
+    def test_small_message_round_trip(self) -> None:
+        """A message that never left the buffer is written whole by the commit."""
+        writer = self.spool.begin()
+        writer.write(b"Subject: small\r\n\r\n")
+        writer.write(b"body\r\n")
+        self.commit(writer, make_envelope(writer.queue_id, size=writer.size))
+        self.assertEqual(
+            self.spool.data_path(writer.queue_id).read_bytes(), b"Subject: small\r\n\r\nbody\r\n"
+        )
 
     def test_layout(self) -> None:
         """A committed entry is exactly <id>.msg and <id>.env in queue/, nothing temporary."""
@@ -97,18 +169,20 @@ class CommitTests(SpoolTestCase):
         self.assertEqual(self.names(), [envelope.id + ".env", envelope.id + ".msg"])
 
     def test_permissions(self) -> None:
-        """Spool directories are mode 0700 and spool files 0600."""
-        envelope = self.store(b"data")
+        """Spool directories are mode 0700 and spool files 0600, both for buffered and large data."""
+        small = self.store(b"data")
+        large = self.store(b"x" * (2 * WRITE_BUFFER))
         for directory in (self.root, self.queue):
             self.assertEqual(stat.S_IMODE(directory.stat().st_mode), 0o700)
-        for suffix in (".msg", ".env"):
-            mode = (self.queue / (envelope.id + suffix)).stat().st_mode
-            self.assertEqual(stat.S_IMODE(mode), 0o600)
+        for envelope in (small, large):
+            for suffix in (".msg", ".env"):
+                mode = (self.queue / (envelope.id + suffix)).stat().st_mode
+                self.assertEqual(stat.S_IMODE(mode), 0o600)
 
     def test_existing_root_is_reused(self) -> None:
         """A second spool on the same root sees the first one's entries."""
         envelope = self.store(b"data")
-        again = DirectorySpool(self.root, self.clock)
+        again = self.open_spool()
         self.assertEqual(again.load(envelope.id), envelope)
 
     def test_ids_distinct_and_ordered(self) -> None:
@@ -120,25 +194,40 @@ class CommitTests(SpoolTestCase):
         self.assertEqual(ids, sorted(ids))
         self.assertEqual(len(set(ids)), 50)
 
-    def test_begin_skips_an_id_already_on_disk(self) -> None:
-        """An id whose data file already exists is never reused; the old file is untouched."""
-        taken = new_queue_id(self.clock.seconds() + 1)
-        (self.queue / (taken + ".msg")).write_bytes(b"old")
-        self.clock.advance(1)
+    def test_commit_never_overwrites_a_file_on_disk(self) -> None:
+        """
+        An id whose data file already exists (a clock step back across a
+        restart) fails its commit with EEXIST; the old file is untouched and
+        nothing of the new message is left.
+        """
         writer = self.spool.begin()
-        self.addCleanup(writer.abort)
-        self.assertGreater(writer.queue_id, taken)
-        self.assertEqual((self.queue / (taken + ".msg")).read_bytes(), b"old")
+        (self.queue / (writer.queue_id + ".msg")).write_bytes(b"old")
+        writer.write(b"new")
+        error = self.commit_fails(writer, make_envelope(writer.queue_id))
+        self.assertEqual(error.errno, errno.EEXIST)
+        self.assertEqual((self.queue / (writer.queue_id + ".msg")).read_bytes(), b"old")
+        self.assertEqual(self.names(), [writer.queue_id + ".msg"])
 
-    def test_writes_are_buffered_and_bounded(self) -> None:
-        """Small writes stay in the buffer; past WRITE_BUFFER octets they reach the file."""
+    def test_small_messages_touch_no_file_until_commit(self) -> None:
+        """Up to WRITE_BUFFER octets a writer creates no file: begin, write and abort leave nothing."""
+        writer = self.spool.begin()
+        writer.write(b"a" * (WRITE_BUFFER - 10))
+        writer.write(b"b" * 10)
+        self.assertEqual(self.names(), [])
+        writer.abort()
+        self.assertEqual(self.names(), [])
+
+    def test_writes_go_through_past_the_buffer(self) -> None:
+        """Past WRITE_BUFFER octets the data file is created and holds all but a bounded rest."""
         writer = self.spool.begin()
         self.addCleanup(writer.abort)
-        path = self.spool.data_path(writer.queue_id)
         writer.write(b"a" * 1000)
-        self.assertEqual(path.stat().st_size, 0)
         writer.write(b"b" * WRITE_BUFFER)
+        path = self.spool.data_path(writer.queue_id)
         self.assertEqual(path.stat().st_size, 1000 + WRITE_BUFFER)
+        writer.write(b"c" * 1000)
+        self.assertEqual(path.stat().st_size, 1000 + WRITE_BUFFER)
+        self.assertEqual(writer.size, 2000 + WRITE_BUFFER)
 
     def test_memory_flat_for_50_mib(self) -> None:
         """Writing and committing 50 MiB allocates no more than a few buffers' worth."""
@@ -149,15 +238,16 @@ class CommitTests(SpoolTestCase):
         writer = self.spool.begin()
         for _ in range(count):
             writer.write(chunk)
-        writer.commit(make_envelope(writer.queue_id, size=writer.size))
+        self.commit(writer, make_envelope(writer.queue_id, size=writer.size))
         _, peak = tracemalloc.get_traced_memory()
         self.assertLess(peak, 4 * WRITE_BUFFER)
         self.assertEqual(self.spool.data_path(writer.queue_id).stat().st_size, count * len(chunk))
 
     def test_commit_needs_its_own_envelope(self) -> None:
-        """Committing an envelope with another id is refused and commits nothing."""
+        """Committing an envelope with another id is refused at once and commits nothing."""
         writer = self.spool.begin()
         self.addCleanup(writer.abort)
+        writer.write(b"x" * (WRITE_BUFFER + 1))
         self.assertRaises(ValueError, writer.commit, make_envelope(new_queue_id(_NOW)))
         self.assertEqual(self.names(), [writer.queue_id + ".msg"])
 
@@ -165,18 +255,44 @@ class CommitTests(SpoolTestCase):
         """After commit, write and commit raise ValueError and abort leaves the entry alone."""
         writer = self.spool.begin()
         envelope = make_envelope(writer.queue_id)
-        writer.commit(envelope)
+        self.commit(writer, envelope)
         self.assertRaises(ValueError, writer.write, b"more")
         self.assertRaises(ValueError, writer.commit, envelope)
         writer.abort()
         self.assertEqual(self.spool.load(writer.queue_id), envelope)
+
+    def test_abort_while_committing_does_not_undo(self) -> None:
+        """
+        abort() after commit() (the client went away meanwhile) changes
+        nothing: the commit completes and its Deferred fires.
+        """
+        writer = self.spool.begin()
+        writer.write(b"data")
+        envelope = make_envelope(writer.queue_id)
+        done = writer.commit(envelope)
+        writer.abort()
+        self.clock.settle(done)
+        self.successResultOf(done)
+        self.assertEqual(self.spool.load(writer.queue_id), envelope)
+
+    def test_commit_now(self) -> None:
+        """The synchronous variant makes the entry durable before it returns and tells subscribers."""
+        seen: list[Envelope] = []
+        self.spool.subscribe(seen.append)
+        writer = cast(SpoolWriter, self.spool.begin())
+        writer.write(b"data")
+        envelope = make_envelope(writer.queue_id)
+        writer.commit_now(envelope)
+        self.assertEqual(self.spool.load(writer.queue_id), envelope)
+        self.assertEqual(seen, [envelope])
+        self.assertEqual(self.clock.pending_calls(), 0)
 
 
 class AbortTests(SpoolTestCase):
     """abort() removes what was written."""
 
     def test_abort_removes_data(self) -> None:
-        """After abort the queue directory is empty."""
+        """After abort of a message past the buffer the queue directory is empty."""
         writer = self.spool.begin()
         writer.write(b"x" * (3 * WRITE_BUFFER))
         writer.abort()
@@ -185,6 +301,7 @@ class AbortTests(SpoolTestCase):
     def test_abort_is_idempotent(self) -> None:
         """A second abort does nothing and raises nothing, even if the file is already gone."""
         writer = self.spool.begin()
+        writer.write(b"x" * (WRITE_BUFFER + 1))
         os.unlink(self.spool.data_path(writer.queue_id))
         writer.abort()
         writer.abort()
@@ -200,6 +317,30 @@ class SubscriberTests(SpoolTestCase):
         self.spool.subscribe(lambda e: seen.append((e, self.spool.load(e.id))))
         envelope = self.store(b"data")
         self.assertEqual(seen, [(envelope, envelope)])
+
+    def test_subscriber_runs_on_reactor_thread_before_the_deferred(self) -> None:
+        """
+        Subscribers run on the reactor thread (not the commit thread), and
+        before the commit's Deferred fires.
+        """
+        order: list[tuple[str, int]] = []
+        self.spool.subscribe(lambda e: order.append(("subscriber", threading.get_ident())))
+        writer = self.spool.begin()
+        writer.write(b"data")
+        done = writer.commit(make_envelope(writer.queue_id))
+        done.addCallback(lambda _: order.append(("deferred", threading.get_ident())))
+        self.clock.settle(done)
+        here = self.clock.reactor_thread
+        self.assertEqual(order, [("subscriber", here), ("deferred", here)])
+
+    def test_subscriber_not_called_on_failure(self) -> None:
+        """A commit that fails reaches no subscriber."""
+        seen: list[Envelope] = []
+        self.spool.subscribe(seen.append)
+        writer = self.spool.begin()
+        (self.queue / (writer.queue_id + ".msg")).write_bytes(b"clash")
+        self.commit_fails(writer, make_envelope(writer.queue_id))
+        self.assertEqual(seen, [])
 
     def test_subscriber_not_called_on_abort(self) -> None:
         """An aborted message reaches no subscriber."""
@@ -228,6 +369,199 @@ class SubscriberTests(SpoolTestCase):
     def test_subscribe_refuses_non_callable(self) -> None:
         """Subscribing something that cannot be called fails at once, not at the next commit."""
         self.assertRaises(TypeError, self.spool.subscribe, "not callable")
+
+
+class GroupCommitTests(SpoolTestCase):
+    """Commits pending together become one batch with one directory fsync."""
+
+    def test_commits_wait_for_the_reactor_thread(self) -> None:
+        """A commit's Deferred fires only when the reactor thread runs the commit thread's result."""
+        writer = self.spool.begin()
+        writer.write(b"data")
+        done = writer.commit(make_envelope(writer.queue_id))
+        deadline = time.monotonic() + 30
+        while not (self.queue / (writer.queue_id + ".env")).exists():
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.001)
+        self.assertNoResult(done)
+        self.clock.settle(done)
+        self.successResultOf(done)
+
+    def test_pending_commits_form_one_batch(self) -> None:
+        """
+        Commits submitted while the thread is busy are taken together as
+        one batch once it is free, and all of them are durable.
+        """
+        from relaygw.spool import commit as commit_module
+
+        real = commit_module.commit_batch
+        sizes: list[int] = []
+        first_started, release = threading.Event(), threading.Event()
+
+        def gated(batch: Any, directory_fd: int) -> list[OSError | None]:
+            sizes.append(len(batch))
+            if len(sizes) == 1:
+                first_started.set()
+                release.wait(30)
+            return real(batch, directory_fd)
+
+        self.patch(commit_module, "commit_batch", gated)
+        writers = [self.spool.begin() for _ in range(6)]
+        envelopes = [make_envelope(w.queue_id) for w in writers]
+        for w in writers:
+            w.write(b"data " + w.queue_id.encode())
+        waiting = [writers[0].commit(envelopes[0])]
+        self.assertTrue(first_started.wait(30))
+        waiting += [w.commit(e) for w, e in zip(writers[1:], envelopes[1:])]
+        release.set()
+        self.clock.settle(*waiting)
+        self.assertEqual(sizes, [1, 5])
+        for done, envelope in zip(waiting, envelopes):
+            self.successResultOf(done)
+            self.assertEqual(self.spool.load(envelope.id), envelope)
+
+    def batch(self, count: int) -> tuple[list[Any], list[Envelope]]:
+        """C{count} pending commits, as the commit thread gets them."""
+        from relaygw.spool.commit import PendingCommit
+
+        entries, envelopes = [], []
+        for i in range(count):
+            queue_id = new_queue_id(_NOW)
+            envelope = make_envelope(queue_id)
+            entries.append(
+                PendingCommit(queue_id, str(self.queue) + os.sep, -1, b"m%d" % i, envelope.to_json())
+            )
+            envelopes.append(envelope)
+        return entries, envelopes
+
+    def test_batch_order_and_one_directory_fsync(self) -> None:
+        """
+        A batch writes every file, then fsyncs them all, then renames them
+        all, then fsyncs the directory exactly once.
+        """
+        from relaygw.spool import commit as commit_module
+
+        calls: list[str] = []
+        directory_fd = os.open(self.queue, os.O_RDONLY | os.O_DIRECTORY)
+        self.addCleanup(os.close, directory_fd)
+
+        class Recording:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(os, name)
+
+            def fsync(self, fd: int) -> None:
+                calls.append("dirsync" if fd == directory_fd else "fsync")
+                os.fsync(fd)
+
+            def replace(self, a: str, b: str) -> None:
+                calls.append("rename")
+                os.replace(a, b)
+
+            def write(self, fd: int, data: Any) -> int:
+                calls.append("write")
+                return os.write(fd, data)
+
+        self.patch(commit_module, "os", Recording())
+        entries, envelopes = self.batch(3)
+        self.assertEqual(commit_module.commit_batch(entries, directory_fd), [None] * 3)
+        self.assertEqual(calls, ["write"] * 6 + ["fsync"] * 6 + ["rename"] * 3 + ["dirsync"])
+        for envelope in envelopes:
+            self.assertEqual(self.spool.load(envelope.id), envelope)
+
+    def test_one_failed_entry_fails_alone(self) -> None:
+        """An entry that cannot be written fails with its error; the rest of the batch commits."""
+        from relaygw.spool.commit import commit_batch
+
+        entries, envelopes = self.batch(3)
+        clash = self.queue / (envelopes[1].id + ".msg")
+        clash.write_bytes(b"someone else's")
+        errors = commit_batch(entries, self.spool._directory_fd())
+        self.assertIsNone(errors[0])
+        self.assertIsInstance(errors[1], FileExistsError)
+        self.assertIsNone(errors[2])
+        self.assertEqual(clash.read_bytes(), b"someone else's")
+        self.assertEqual(
+            self.names(),
+            sorted(
+                [envelopes[0].id + ".env", envelopes[0].id + ".msg", clash.name]
+                + [envelopes[2].id + ".env", envelopes[2].id + ".msg"]
+            ),
+        )
+
+    def test_failed_directory_fsync_fails_the_batch(self) -> None:
+        """
+        When the directory fsync fails every entry of the batch fails with
+        that error and its envelope and data are removed.
+        """
+        from relaygw.spool import commit as commit_module
+
+        entries, _ = self.batch(3)
+        directory_fd = os.open(self.queue, os.O_RDONLY | os.O_DIRECTORY)
+        self.addCleanup(os.close, directory_fd)
+
+        class FailingDirectorySync:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(os, name)
+
+            def fsync(self, fd: int) -> None:
+                if fd == directory_fd:
+                    raise OSError(errno.EIO, "Input/output error (injected)")
+                os.fsync(fd)
+
+        self.patch(commit_module, "os", FailingDirectorySync())
+        errors = commit_module.commit_batch(entries, directory_fd)
+        self.assertEqual([e.errno if e else None for e in errors], [errno.EIO] * 3)
+        self.assertEqual(self.names(), [])
+
+
+class CloseTests(SpoolTestCase):
+    """close() finishes pending commits and stops the commit thread."""
+
+    def test_close_finishes_pending_commits_first(self) -> None:
+        """Commits pending at close() fire before close's Deferred, and the thread ends."""
+        writers = [self.spool.begin() for _ in range(5)]
+        waiting = []
+        for w in writers:
+            w.write(b"data")
+            waiting.append(w.commit(make_envelope(w.queue_id)))
+        fired: list[str] = []
+        for done in waiting:
+            done.addCallback(lambda _: fired.append("commit"))
+        closed = self.spool.close()
+        closed.addCallback(lambda _: fired.append("close"))
+        self.clock.settle(closed)
+        self.assertEqual(fired, ["commit"] * 5 + ["close"])
+        thread = self.spool._commits._thread
+        assert thread is not None
+        thread.join(30)
+        self.assertFalse(thread.is_alive())
+        self.assertEqual(len(self.spool.entries()), 5)
+
+    def test_closed_spool_takes_no_commits(self) -> None:
+        """After close(), begin() raises OSError and a writer begun before fails its commit."""
+        writer = self.spool.begin()
+        writer.write(b"data")
+        self.clock.settle(self.spool.close())
+        self.assertRaises(OSError, self.spool.begin)
+        error = self.commit_fails(writer, make_envelope(writer.queue_id))
+        self.assertEqual(error.errno, errno.ESHUTDOWN)
+        self.assertEqual(self.names(), [])
+
+    def test_synchronous_methods_work_after_close(self) -> None:
+        """update, load, remove and recover keep working after close() (the delivery side)."""
+        envelope = self.store(b"data")
+        self.clock.settle(self.spool.close())
+        later = envelope.with_outcomes({"rcpt@example.test": Outcome("retry", "451 4.4.1 later")})
+        self.spool.update(later)
+        self.assertEqual(self.spool.recover(), [later])
+        self.spool.remove(envelope.id)
+        self.assertEqual(self.names(), [])
+
+    def test_close_without_commits(self) -> None:
+        """close() of a spool that never committed fires at once and starts no thread."""
+        closed = self.spool.close()
+        self.successResultOf(closed)
+        self.assertIsNone(self.spool._commits._thread)
 
 
 class EntryTests(SpoolTestCase):
@@ -368,17 +702,18 @@ class EntriesTests(SynchronousTestCase):
         """
         root = Path(tempfile.mkdtemp(prefix="relaygw-entries-"))
         self.addCleanup(shutil.rmtree, root, True)
-        clock = Clock()
+        clock = ThreadReactor()
         clock.advance(1_800_000_000)
-        spool = DirectorySpool(root, clock)
+        spool = DirectorySpool(root, cast(ISpoolReactor, clock))
+        self.addCleanup(lambda: clock.settle(spool.close()))
         first = spool.begin()
         first.write(b"Subject: one\r\n\r\n")
-        first.commit(_envelope_for(first.queue_id, 1.0))
+        clock.settle(first.commit(_envelope_for(first.queue_id, 1.0)))
         second = spool.begin()
         second.write(b"Subject: two\r\n\r\n")
-        second.commit(_envelope_for(second.queue_id, 2.0))
+        clock.settle(second.commit(_envelope_for(second.queue_id, 2.0)))
         partial = spool.begin()
-        partial.write(b"Subject: in progress\r\n")
+        partial.write(b"Subject: in progress\r\n" + b"x" * WRITE_BUFFER)
         listed = [e.id for e in spool.entries()]
         self.assertEqual(listed, [first.queue_id, second.queue_id])
         self.assertTrue(

@@ -16,18 +16,19 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from relaygw._types import ISpoolReactor
 from relaygw.spool.envelope import Envelope
 from relaygw.spool.store import DirectorySpool
 
 _REPO = Path(__file__).resolve().parents[1]
 
 _PRELUDE = """
-import errno, json, os, sys, time
+import errno, json, os, queue, sys, time
 from pathlib import Path
 from twisted.internet.task import Clock
 from relaygw.spool.envelope import Envelope, Recipient
@@ -42,21 +43,56 @@ def payload(queue_id, size):
     pattern = (queue_id + "\\n").encode()
     return (pattern * (size // len(pattern) + 1))[:size]
 
-clock = Clock()
+class Pump(Clock):
+    # A clock that runs callFromThread calls when a script waits for a Deferred.
+    def __init__(self):
+        super().__init__()
+        self.from_threads = queue.Queue()
+    def callFromThread(self, f, *args, **kw):
+        self.from_threads.put(lambda: f(*args, **kw))
+    def wait(self, d):
+        # The Deferred's result; its failure's exception is raised.
+        while not d.called:
+            self.from_threads.get(timeout=30)()
+        box = []
+        d.addBoth(box.append)
+        if hasattr(box[0], "raiseException"):
+            box[0].raiseException()
+        return box[0]
+
+clock = Pump()
 clock.advance(time.time())
 """
 
+# Ten concurrent writers on the real reactor, through the Deferred API:
+# "C id" when commit() is called, "A id" when its Deferred fired.  Sizes
+# cover messages that stay in the buffer and ones written through.
 _COMMIT_LOOP = """
-spool = DirectorySpool(Path(sys.argv[1]), clock)
-for i in range(100_000):
+from twisted.internet import reactor
+
+spool = DirectorySpool(Path(sys.argv[1]), reactor)
+counter = iter(range(100_000))
+
+def die(failure):
+    print(failure.getTraceback(), file=sys.stderr, flush=True)
+    os._exit(3)
+
+def one():
+    i = next(counter)
     writer = spool.begin()
     size = 1 + (i * 7919) % 300_000
     data = payload(writer.queue_id, size)
     for k in range(0, size, 8192):
         writer.write(data[k:k + 8192])
-    writer.commit(envelope(writer.queue_id, size, clock))
-    print(writer.queue_id, flush=True)
-    clock.advance(0.001)
+    print("C", writer.queue_id, flush=True)
+    done = writer.commit(envelope(writer.queue_id, size, reactor))
+    done.addCallback(lambda _: print("A", writer.queue_id, flush=True))
+    done.addCallback(lambda _: one())
+    done.addErrback(die)
+
+for _ in range(10):
+    reactor.callWhenRunning(one)
+reactor.run()
 """
 
 _HALF_WRITTEN = """
@@ -78,7 +114,7 @@ writer = spool.begin()
 try:
     for _ in range(100):
         writer.write(b"x" * 8192)
-    writer.commit(envelope(writer.queue_id, writer.size, clock))
+    clock.wait(writer.commit(envelope(writer.queue_id, writer.size, clock)))
 except OSError as e:
     result["data"] = errno.errorcode[e.errno]
     writer.abort()
@@ -87,10 +123,11 @@ resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))
 writer = spool.begin()
 writer.write(b"small")
 try:
-    writer.commit(envelope(writer.queue_id, writer.size, clock))
+    clock.wait(writer.commit(envelope(writer.queue_id, writer.size, clock)))
 except OSError as e:
     result["envelope"] = errno.errorcode[e.errno]
 result["files"] = sorted(os.listdir(Path(sys.argv[1]) / "queue"))
+clock.wait(spool.close())
 print(json.dumps(result), flush=True)
 """
 
@@ -105,22 +142,42 @@ writer = spool.begin()
 try:
     for _ in range(64):
         writer.write(b"x" * 65536)
-    writer.commit(envelope(writer.queue_id, writer.size, clock))
+    clock.wait(writer.commit(envelope(writer.queue_id, writer.size, clock)))
 except OSError as e:
     result["full"] = errno.errorcode[e.errno]
     writer.abort()
 result["after_full"] = sorted(os.listdir(mount / "spool" / "queue"))
 
+# Fill the file system so that only the commit thread's writes fail.
+filler = mount / "filler"
+fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+try:
+    while True:
+        os.write(fd, b"y" * 4096)
+except OSError:
+    pass
+os.close(fd)
+writer = spool.begin()
+writer.write(b"z" * 30_000)
+try:
+    clock.wait(writer.commit(envelope(writer.queue_id, writer.size, clock)))
+except OSError as e:
+    result["commit_full"] = errno.errorcode[e.errno]
+result["after_commit_full"] = sorted(os.listdir(mount / "spool" / "queue"))
+filler.unlink()
+
 writer = spool.begin()
 writer.write(b"fits")
 kept = envelope(writer.queue_id, 4, clock)
-writer.commit(kept)
+clock.wait(writer.commit(kept))
 
 subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+writer = spool.begin()
+writer.write(b"refused")
 try:
-    spool.begin()
+    clock.wait(writer.commit(envelope(writer.queue_id, 7, clock)))
 except OSError as e:
-    result["begin_ro"] = errno.errorcode[e.errno]
+    result["commit_ro"] = errno.errorcode[e.errno]
 try:
     spool.update(kept)
 except OSError as e:
@@ -128,6 +185,7 @@ except OSError as e:
 result["recovered"] = [e.id for e in spool.recover()]
 result["kept"] = kept.id
 result["loaded"] = spool.load(kept.id) == kept
+clock.wait(spool.close())
 print(json.dumps(result), flush=True)
 """
 
@@ -184,40 +242,49 @@ class KillTests(_ChildTestCase):
 
     def test_kill_during_commit_loop(self) -> None:
         """
-        After kill -9 of a process committing in a loop (twelve times over),
-        recover() returns every entry whose commit() returned, each with all
-        its data, and the queue holds nothing else.
+        After kill -9 of a process committing from ten concurrent writers
+        (twelve times over), recover() returns every entry whose commit
+        Deferred fired, each with all its data; anything else it returns is
+        an entry whose commit had been asked for (and was durable, its
+        Deferred not yet run); the queue holds nothing else.
         """
         rng = random.Random(1047)
-        acknowledged: list[str] = []
-        unprinted: set[str] = set()
+        acknowledged: set[str] = set()
+        requested: set[str] = set()
         for _ in range(12):
             child = self.start(_COMMIT_LOOP, str(self.root))
             assert child.stdout is not None
             deadline = time.monotonic() + 30
-            for _ in range(rng.randint(2, 12)):
+            target = rng.randint(2, 40)
+            seen = 0
+            while seen < target:
                 line = child.stdout.readline()
                 self.assertTrue(line, "the child stopped before it was killed")
-                acknowledged.append(line.decode().strip())
+                kind, queue_id = line.decode().split()
+                (acknowledged if kind == "A" else requested).add(queue_id)
+                seen += kind == "A"
                 self.assertLess(time.monotonic(), deadline)
             time.sleep(rng.uniform(0, 0.02))
             os.kill(child.pid, signal.SIGKILL)
-            acknowledged.extend(child.stdout.read().decode().split())
+            for line in child.stdout.read().decode().splitlines():
+                kind, queue_id = line.split()
+                (acknowledged if kind == "A" else requested).add(queue_id)
             child.wait(timeout=30)
             self.assertEqual(child.returncode, -signal.SIGKILL)
+            self.assertLessEqual(acknowledged, requested)
 
-            spool = DirectorySpool(self.root, self.clock)
+            spool = DirectorySpool(self.root, cast(ISpoolReactor, self.clock))
             recovered = spool.recover()
-            ids = [e.id for e in recovered]
-            self.assertEqual(sorted(set(acknowledged) - set(ids)), [])
-            # Each kill may add the one whose commit returned but whose id was not printed yet.
-            extra = set(ids) - set(acknowledged) - unprinted
-            self.assertLessEqual(len(extra), 1)
-            unprinted |= extra
+            ids = {e.id for e in recovered}
+            self.assertEqual(sorted(acknowledged - ids), [])
+            self.assertEqual(sorted(ids - requested), [])
             self.assert_complete(spool, recovered)
             names = sorted(os.listdir(self.root / "queue"))
             self.assertEqual(names, sorted(f"{i}{s}" for i in ids for s in (".env", ".msg")))
             self.assertFalse((self.root / "corrupt").exists())
+            spool.close()
+        # The kills must have hit commits in flight, or the test proves little.
+        self.assertGreater(len(requested - acknowledged), 12)
 
     def test_kill_mid_message(self) -> None:
         """A message killed half-written is on disk as partial data, and recover() deletes it."""
@@ -227,7 +294,7 @@ class KillTests(_ChildTestCase):
         os.kill(child.pid, signal.SIGKILL)
         child.wait(timeout=30)
         self.assertTrue((self.root / "queue" / (queue_id + ".msg")).exists())
-        spool = DirectorySpool(self.root, self.clock)
+        spool = DirectorySpool(self.root, cast(ISpoolReactor, self.clock))
         self.assertEqual(spool.recover(), [])
         self.assertEqual(os.listdir(self.root / "queue"), [])
 
@@ -237,19 +304,21 @@ class FailingDiskTests(_ChildTestCase):
 
     def test_file_size_limit(self) -> None:
         """
-        With RLIMIT_FSIZE, a data write fails with EFBIG and so does an
-        envelope write at commit; afterwards the queue is empty and recover()
-        finds nothing.
+        With RLIMIT_FSIZE, a write-through data write fails with EFBIG and
+        so does the commit thread's envelope write (the commit's Deferred
+        fails); afterwards the queue is empty and recover() finds nothing.
         """
         result = self.run_json(_command(_FILE_SIZE_LIMIT, str(self.root)))
         self.assertEqual(result, {"data": "EFBIG", "envelope": "EFBIG", "files": []})
-        self.assertEqual(DirectorySpool(self.root, self.clock).recover(), [])
+        self.assertEqual(DirectorySpool(self.root, cast(ISpoolReactor, self.clock)).recover(), [])
 
     def test_full_and_read_only_filesystem(self) -> None:
         """
-        On a full tmpfs a write fails with ENOSPC and abort frees the space;
-        remounted read-only, begin() and update() fail with EROFS while
-        committed entries stay readable and recoverable.
+        On a full tmpfs a write fails with ENOSPC and abort frees the space,
+        and a commit whose files the commit thread cannot write fails with
+        ENOSPC and leaves nothing; remounted read-only, a commit and update()
+        fail with EROFS while committed entries stay readable and
+        recoverable.
         """
         if os.geteuid() != 0 or shutil.which("unshare") is None:
             raise SkipTest("needs root and unshare(1) to mount a private tmpfs")
@@ -267,7 +336,9 @@ class FailingDiskTests(_ChildTestCase):
             {
                 "full": "ENOSPC",
                 "after_full": [],
-                "begin_ro": "EROFS",
+                "commit_full": "ENOSPC",
+                "after_commit_full": [],
+                "commit_ro": "EROFS",
                 "update_ro": "EROFS",
                 "loaded": True,
             },

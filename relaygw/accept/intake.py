@@ -6,7 +6,8 @@ never held whole in memory: L{DataDecoder} undoes DATA's dot-stuffing and
 finds the end marker; L{MessageIntake} checks line ends and size, writes the
 C{Received:} header, the data and (when the message had none) a
 C{Message-ID:} header into an L{IMessageWriter}, and commits the envelope
-before the protocol may answer 250.
+(asynchronously: the spool fsyncs off the reactor thread); the protocol
+answers 250 only when that commit's Deferred fires.
 
 Decisions:
   - The size limit counts the octets the client sent (after dot-unstuffing),
@@ -24,6 +25,8 @@ from collections.abc import Callable
 from typing import Literal, cast
 
 from attrs import define, field
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 from relaygw import replies
 from relaygw.errors import DeferReply, RejectReply
@@ -316,16 +319,19 @@ class MessageIntake:
         else:
             self._write(data)
 
-    def finish(self, make_envelope: Callable[[str, int], Envelope]) -> Envelope:
+    def finish(self, make_envelope: Callable[[str, int], Envelope]) -> Deferred[Envelope]:
         """
         End the message: add a Message-ID if still due, check, commit.
 
         @param make_envelope: called as C{make_envelope(message_id, size)}
             with the Message-ID the message carries and the data file's size.
-        @return: the committed envelope.
+        @return: fires with the envelope once it is durable (only then may
+            the client get 250); fails with L{DeferReply} (452 4.3.1) when
+            the spool could not commit it: then nothing is committed.  The
+            commit completes even if the session ends meanwhile.
         @raise RejectReply: too big (552 5.3.4) or bare line ends (550 5.6.11).
-        @raise DeferReply: the spool failed (452 4.3.1).  In every failure
-            case nothing is committed and the writer is aborted.
+        @raise DeferReply: a write failed earlier (452 4.3.1).  In these
+            cases nothing is committed and the writer is aborted.
         """
         self._done = True
         if self._ends is not None:
@@ -338,12 +344,16 @@ class MessageIntake:
             raise problem
         assert self._headers.message_id is not None
         envelope = make_envelope(self._headers.message_id, int(self._writer.size))
-        try:
-            self._writer.commit(envelope)
-        except OSError as e:
-            self._writer.abort()
-            raise DeferReply(replies.SPOOL_FAILED, f"spool commit failed: {e}") from e
-        return envelope
+        committing = self._writer.commit(envelope)
+
+        def failed(failure: Failure) -> Failure:
+            if not isinstance(failure.value, OSError):
+                return failure
+            raise DeferReply(
+                replies.SPOOL_FAILED, f"spool commit failed: {failure.value}"
+            ) from failure.value
+
+        return committing.addCallbacks(lambda _: envelope, failed)
 
     def abort(self) -> None:
         """

@@ -6,21 +6,52 @@ C{Message-ID:} for messages that had none.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import re
 import secrets
 import unicodedata
-from datetime import datetime, timezone
-from email.utils import format_datetime
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime, formatdate
 
 from relaygw.spool.envelope import TLSInfo
 
-__all__ = ["message_id", "received_header", "with_keyword"]
+__all__ = ["banner_date", "message_id", "received_header", "rfc5322_date", "with_keyword"]
 
 #: Longest HELO name copied into a Received header; a DNS name is at most 253 octets.
 HELO_MAX = 253
 
 # Characters that would end the From-domain token or open/close a comment.
 _UNSAFE = frozenset("();\\\"<>")
+# Text made only of these needs no cleaning (the common case, checked in C).
+_CLEAN = re.compile(
+    "[" + re.escape("".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in _UNSAFE)) + "]*"
+)
+_ZERO = timedelta(0)
+
+
+class _PerSecond:
+    """A text that depends only on the whole second: made once per second, not per use."""
+
+    def __init__(self, render: Callable[[int], str]) -> None:
+        self._render = render
+        self._second: int | None = None
+        self._text = ""
+
+    def __call__(self, seconds: float) -> str:
+        second = int(seconds // 1)
+        if second != self._second:
+            self._text = self._render(second)
+            self._second = second
+        return self._text
+
+
+rfc5322_date = _PerSecond(lambda s: format_datetime(datetime.fromtimestamp(s, timezone.utc)))
+"""C{rfc5322_date(seconds)}: the RFC 5322 date of a POSIX time, in UTC (C{+0000})."""
+
+banner_date = _PerSecond(lambda s: formatdate(s, usegmt=True))
+"""C{banner_date(seconds)}: the date for a greeting's C{{date}} (C{GMT} form)."""
 
 
 def with_keyword(*, esmtp: bool, tls: bool, auth: bool, smtputf8: bool = False) -> str:
@@ -93,7 +124,9 @@ def received_header(
         lines.append(f"\tfor <{_clean(recipient, 256, ascii_only=False)}>")
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
-    lines[-1] += f"; {format_datetime(when)}"
+    offset = when.utcoffset()
+    date = rfc5322_date(when.timestamp()) if offset == _ZERO else format_datetime(when)
+    lines[-1] += f"; {date}"
     return "".join(line + "\r\n" for line in lines).encode("utf-8")
 
 
@@ -117,8 +150,11 @@ def _clean(text: str, limit: int, *, ascii_only: bool = True) -> str:
     C{text} cut at C{limit} characters, with control characters, blanks,
     comment and quoting delimiters (and non-ASCII unless allowed) as C{?}.
     """
+    text = text[:limit]
+    if _CLEAN.fullmatch(text):
+        return text
     out = []
-    for c in text[:limit]:
+    for c in text:
         if (
             c in _UNSAFE
             or c.isspace()
@@ -131,6 +167,7 @@ def _clean(text: str, limit: int, *, ascii_only: bool = True) -> str:
     return "".join(out)
 
 
+@functools.lru_cache(maxsize=1024)
 def _ip_literal(client_ip: str) -> str:
     try:
         address = ipaddress.ip_address(client_ip.split("%", 1)[0])

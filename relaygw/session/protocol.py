@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import ipaddress
 from datetime import datetime, timezone
-from email.utils import formatdate
 from typing import TYPE_CHECKING, Any, Callable, cast
 
 from twisted.cred.portal import Portal
@@ -53,11 +52,11 @@ from relaygw.errors import DeferReply, RejectReply
 from relaygw.interfaces import DirectoryUnavailable, IConnectorSelector
 from relaygw.replies import Reply
 from relaygw.session.address import AddressError, Mailbox, parse_mail_from, parse_rcpt_to
-from relaygw.session.headers import message_id, received_header, with_keyword
+from relaygw.session.headers import banner_date, message_id, received_header, with_keyword
 from relaygw.session.limits import ConnectionCounter
 from relaygw.session.policy import Policy
 from relaygw.session.rights import session_rights
-from relaygw.spool.envelope import TLSInfo
+from relaygw.spool.envelope import Envelope, TLSInfo
 
 if TYPE_CHECKING:
     from relaygw.connectors.selector import Selection
@@ -77,6 +76,8 @@ _MAX_PENDING = 256 * 1024
 
 def plain_ip(host: str) -> str:
     """An address as shown to people: IPv4-mapped IPv6 as IPv4; other text unchanged."""
+    if ":" not in host:  # IPv4 as transports give it is already canonical
+        return host
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
@@ -142,6 +143,9 @@ class Session(Protocol, TimeoutMixin):
         self._pending = b""
         self._paused = False
         self._dispatching = False
+        self._messages = 0
+        self._connected_at = 0.0
+        self._local = ""
 
     # -- Twisted plumbing ---------------------------------------------------
 
@@ -216,10 +220,14 @@ class Session(Protocol, TimeoutMixin):
             self._flush()
             return
         self._counter = counter
-        self._log.info(
-            "connection from {peer} accepted by connector {connector}",
-            event="receive.connect", local=f"{local_host}:{local_port}", **self._fields(),
-        )
+        self._connected_at = self._reactor.seconds()
+        self._local = f"{local_host}:{local_port}"
+        if self._verbose:
+            # Otherwise the disconnect event summarises the session.
+            self._log.info(
+                "connection from {peer} accepted by connector {connector}",
+                event="receive.connect", local=self._local, **self._fields(),
+            )
         self._set_timeout(_seconds(connector.timeouts.command.total_seconds()))
         self._send(replies.greeting(self._banner(connector)))
         self._flush()
@@ -229,7 +237,7 @@ class Session(Protocol, TimeoutMixin):
             return connector.banner.format(
                 fqdn=connector.fqdn,
                 connector=connector.name,
-                date=formatdate(self._reactor.seconds(), usegmt=True),
+                date=banner_date(self._reactor.seconds()),
             )
         except (KeyError, IndexError, ValueError):
             return connector.banner
@@ -259,8 +267,11 @@ class Session(Protocol, TimeoutMixin):
         if self._counter is not None:
             self._counter.release(self._client_ip)
             self._counter = None
-            self._log.info("connection from {peer} closed", event="receive.disconnect",
-                           **self._fields())
+            self._log.info(
+                "connection from {peer} closed after {messages} message(s), {duration:.3f} s",
+                event="receive.disconnect", local=self._local, messages=self._messages,
+                duration=self._reactor.seconds() - self._connected_at, **self._fields(),
+            )
         self._mode = "closed"
 
     def timeoutConnection(self) -> None:
@@ -303,6 +314,9 @@ class Session(Protocol, TimeoutMixin):
             self._close()
         finally:
             self._dispatching = False
+            if data and self._waiting:
+                # Input after the end of a message whose commit is pending.
+                self._pending = data + self._pending
             self._flush()
 
     def _await(self, answer: Deferred[Reply]) -> None:
@@ -805,12 +819,17 @@ class Session(Protocol, TimeoutMixin):
         self._answer(replies.bdat_ok(self._bdat_size))
 
     def _end_message(self) -> None:
+        """
+        Commit the message; answer when the commit is durable.  Meanwhile
+        further input waits (PIPELINING order) and no timeout runs; if the
+        client leaves, the commit still completes and is logged.
+        """
         intake, txn = self._intake, self._txn
         assert intake is not None and txn is not None
         self._intake, self._decoder, self._txn = None, None, None
         self._set_command_mode()
         try:
-            envelope = intake.finish(
+            committing = intake.finish(
                 lambda message_id, size: txn.envelope(
                     queue_id=intake.queue_id,
                     message_id=message_id,
@@ -833,17 +852,41 @@ class Session(Protocol, TimeoutMixin):
                               queue_id=intake.queue_id, **self._fields())
             self._answer(replies.INTERNAL_ERROR)
             return
+        self._set_timeout(None)
+        self._await(committing.addCallbacks(self._queued, self._not_queued,
+                                            errbackArgs=(intake.queue_id,)))
+
+    def _queued(self, envelope: Envelope) -> Reply:
+        """The commit is durable: log it (one event with all fields) and say 250."""
+        self._messages += 1
         self._log.info(
             "message {queue_id} {message_id} from <{sender}> queued for {count} recipient(s)",
             event="receive.queued", queue_id=envelope.id, message_id=envelope.message_id,
-            sender=envelope.sender, count=len(envelope.recipients), size=envelope.size,
-            smtp_code=250, **self._fields(),
+            sender=envelope.sender, recipients=[r.address for r in envelope.recipients],
+            count=len(envelope.recipients), size=envelope.size, helo=envelope.helo,
+            auth_user=envelope.auth_user, smtp_code=250, **self._fields(),
         )
-        self._answer(replies.queued(envelope.message_id, envelope.id, self._c.fqdn))
+        self._resume_timeout()
+        return replies.queued(envelope.message_id, envelope.id, self._c.fqdn)
+
+    def _not_queued(self, failure: Failure, queue_id: str) -> Reply:
+        self._resume_timeout()
+        if isinstance(failure.value, DeferReply):
+            return self._refusal(failure.value)
+        self._log.failure("unexpected error committing message {queue_id} from {peer}",
+                          failure, queue_id=queue_id, **self._fields())
+        return replies.INTERNAL_ERROR
+
+    def _resume_timeout(self) -> None:
+        if not self._lost and not self._closing:
+            self._set_timeout(_seconds(self._c.timeouts.command.total_seconds()))
 
     def _refused(self, error: RejectReply | DeferReply) -> None:
+        self._answer(self._refusal(error))
+
+    def _refusal(self, error: RejectReply | DeferReply) -> Reply:
         self._log.info(
             "message refused: {reason}", event="receive.message-refused", reason=error.reason,
             smtp_code=error.reply.code, enhanced_code=error.reply.enhanced, **self._fields(),
         )
-        self._answer(error.reply)
+        return error.reply

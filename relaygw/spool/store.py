@@ -9,46 +9,51 @@ Layout under the spool root (directories mode 0700, files 0600)::
     corrupt/             envelopes recovery could not use, with their data, for an operator
 
 Both names of an entry live in one directory, so one directory fsync makes a
-commit durable.  A commit costs one open, buffered writes, an fsync of the data,
-an fsync of the envelope and an fsync of the directory.
+commit durable.
+
+A writer keeps up to L{WRITE_BUFFER} octets in memory and creates its data
+file only when a message outgrows that, so a small message costs the reactor
+thread no file system call at all.  Commits are made durable in batches by
+the spool's commit thread (L{relaygw.spool.commit}); the commit's Deferred
+fires, and subscribers are told, on the reactor thread afterwards.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Callable
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from relaygw._types import ISpoolReactor
 from relaygw.interfaces import IMessageWriter, ISpool
+from relaygw.spool.commit import CommitThread, PendingCommit, commit_batch, write_all
 from relaygw.spool.envelope import Envelope
 from relaygw.spool.ids import is_queue_id, new_queue_id
 
-__all__ = ["DirectorySpool", "WRITE_BUFFER"]
+__all__ = ["DirectorySpool", "SpoolWriter", "WRITE_BUFFER"]
 
 WRITE_BUFFER = 64 * 1024
-"""Octets a writer holds before it writes them to its data file."""
+"""Octets a writer holds in memory before it creates its data file and writes through."""
 
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
 _OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 _MSG = ".msg"
 _ENV = ".env"
 _TMP = ".tmp"
 
-
-def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+_OPEN, _COMMITTING, _CLOSED = "open", "committing", "closed"
 
 
 def _fsync_dir(path: str | Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd = os.open(path, _OPEN_DIR)
     try:
         os.fsync(fd)
     finally:
@@ -75,76 +80,94 @@ def _make_dir(path: Path) -> bool:
 
 
 @implementer(IMessageWriter)
-class _Writer:
+class SpoolWriter:
     """
-    One message being written: an open data file and a bounded buffer.
+    One message being written: a bounded buffer, and a data file once the
+    message outgrows it.
 
     @ivar queue_id: the reserved queue id.
     @ivar size: octets written so far.
     """
 
-    def __init__(self, spool: DirectorySpool, queue_id: str, fd: int) -> None:
+    def __init__(self, spool: DirectorySpool, queue_id: str) -> None:
         self.queue_id = queue_id
         self.size = 0
         self._spool = spool
-        self._fd = fd
+        self._fd = -1
         self._buffer = bytearray()
-        self._done = False
+        self._state = _OPEN
 
     def write(self, data: bytes) -> None:
         """
         Append C{data}; at most L{WRITE_BUFFER} octets are held in memory.
 
-        @raise OSError: the data file cannot take it.
+        @raise OSError: the data file cannot be created or take it.
         @raise ValueError: the writer was already committed or aborted.
         """
-        if self._done:
+        if self._state is not _OPEN:
             raise ValueError(f"spool entry {self.queue_id} is closed")
-        if len(self._buffer) + len(data) > WRITE_BUFFER:
-            self._flush()
-            if len(data) >= WRITE_BUFFER:
-                _write_all(self._fd, data)
-                self.size += len(data)
-                return
-        self._buffer += data
-        self.size += len(data)
+        n = len(data)
+        if len(self._buffer) + n <= WRITE_BUFFER:
+            self._buffer += data
+            self.size += n
+            return
+        if self._fd < 0:
+            self._fd = os.open(self._spool._file(self.queue_id, _MSG), _OPEN_NEW, _FILE_MODE)
+        if self._buffer:
+            write_all(self._fd, self._buffer)
+            self._buffer = bytearray()
+        if n >= WRITE_BUFFER:
+            write_all(self._fd, data)
+        else:
+            self._buffer += data
+        self.size += n
 
-    def commit(self, envelope: object) -> None:
+    def commit(self, envelope: object) -> Deferred[None]:
         """
-        Make the entry durable, then tell the spool's subscribers.
+        Hand the entry to the commit thread.
 
         @param envelope: the L{Envelope}; its C{id} must be L{queue_id}.
-        @raise OSError: nothing was committed; the entry's files are removed.
+        @return: fires with C{None} once the entry is durable and the
+            subscribers were told; fails with the L{OSError} otherwise
+            (nothing committed, the entry's files removed).
         @raise ValueError: a closed writer, or an envelope for another id.
         """
-        if self._done:
-            raise ValueError(f"spool entry {self.queue_id} is closed")
-        if not isinstance(envelope, Envelope) or envelope.id != self.queue_id:
-            raise ValueError(f"commit of spool entry {self.queue_id} needs its own Envelope")
+        entry, checked = self._hand_over(envelope)
+        waiting: Deferred[None] = Deferred()
+        self._spool._waiting[entry] = (waiting, checked)
         try:
-            self._flush()
-            os.fsync(self._fd)
-            fd, self._fd = self._fd, -1
-            os.close(fd)
-            self._spool._write_envelope(envelope)
-        except OSError:
-            self._discard(envelope_too=True)
-            raise
-        self._done = True
-        self._spool._committed(envelope)
+            self._spool._commits.submit(entry)
+        except RuntimeError as e:
+            del self._spool._waiting[entry]
+            entry.discard()
+            self._state = _CLOSED
+            return fail(OSError(errno.ESHUTDOWN, str(e)))
+        return waiting
+
+    def commit_now(self, envelope: object) -> None:
+        """
+        L{commit} on the calling thread, blocking until the entry is durable
+        (for tools and tests; the receive path uses L{commit}).
+
+        @raise OSError: nothing was committed; the entry's files are removed.
+        @raise ValueError: as for L{commit}.
+        """
+        entry, checked = self._hand_over(envelope)
+        [error] = commit_batch([entry], self._spool._directory_fd())
+        self._state = _CLOSED
+        if error is not None:
+            raise error
+        self._spool._committed(checked)
 
     def abort(self) -> None:
-        """Close and remove the data file.  Idempotent; never raises."""
-        if not self._done:
-            self._discard(envelope_too=False)
-
-    def _flush(self) -> None:
-        if self._buffer:
-            _write_all(self._fd, self._buffer)
-            self._buffer = bytearray()
-
-    def _discard(self, envelope_too: bool) -> None:
-        self._done = True
+        """
+        Close and remove the data file.  Idempotent; never raises.  Does
+        nothing once L{commit} was called: that entry is committed or
+        removed by the commit itself.
+        """
+        if self._state is not _OPEN:
+            return
+        self._state = _CLOSED
         self._buffer = bytearray()
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
@@ -152,7 +175,20 @@ class _Writer:
                 os.close(fd)
             except OSError:
                 pass
-        self._spool._discard(self.queue_id, envelope_too)
+            _unlink_quietly(self._spool._file(self.queue_id, _MSG))
+
+    def _hand_over(self, envelope: object) -> tuple[PendingCommit, Envelope]:
+        if self._state is not _OPEN:
+            raise ValueError(f"spool entry {self.queue_id} is closed")
+        if not isinstance(envelope, Envelope) or envelope.id != self.queue_id:
+            raise ValueError(f"commit of spool entry {self.queue_id} needs its own Envelope")
+        self._state = _COMMITTING
+        entry = PendingCommit(
+            self.queue_id, self._spool._prefix, self._fd, self._buffer, envelope.to_json()
+        )
+        self._fd = -1
+        self._buffer = bytearray()
+        return entry, envelope
 
 
 @implementer(ISpool)
@@ -160,17 +196,19 @@ class DirectorySpool:
     """
     A spool in a directory; see the module docstring for the layout.
 
-    Not thread-safe: use it from the reactor thread.
+    Use it from the reactor thread.  Commits run on the spool's own thread;
+    L{close} stops it.
     """
 
     _log = Logger()
 
-    def __init__(self, root: Path, clock: IReactorTime) -> None:
+    def __init__(self, root: Path, reactor: ISpoolReactor) -> None:
         """
         Create C{root} and C{root/queue} when missing.
 
         @param root: the spool directory.
-        @param clock: gives the time for new queue ids.
+        @param reactor: gives the time for new queue ids, and takes commit
+            results from the commit thread (C{callFromThread}).
         @raise OSError: the directories cannot be created.
         """
         self._root = Path(root)
@@ -179,11 +217,32 @@ class DirectorySpool:
         self._queue_dir = str(self._queue)
         self._prefix = self._queue_dir + os.sep
         self._corrupt = self._root / "corrupt"
-        self._clock = clock
+        self._reactor = reactor
         self._subscribers: list[Callable[[Envelope], object]] = []
         _make_dir(self._root)
         if _make_dir(self._queue):
             _fsync_dir(self._root)
+        self._dir_fd = os.open(self._queue_dir, _OPEN_DIR)
+        self._commits = CommitThread(reactor, self._directory_fd, self._deliver)
+        self._waiting: dict[PendingCommit, tuple[Deferred[None], Envelope]] = {}
+
+    def close(self) -> Deferred[None]:
+        """
+        Take no more commits, finish the pending ones (their Deferreds fire
+        first), stop the commit thread and close the queue directory.
+        Idempotent.  L{update}, L{remove}, L{load} and the other
+        synchronous methods keep working afterwards.
+
+        @return: fires when all of that is done.
+        """
+        done = self._commits.stop()
+
+        def close_dir(result: None) -> None:
+            fd, self._dir_fd = self._dir_fd, -1
+            if fd >= 0:
+                os.close(fd)
+
+        return done.addCallback(close_dir)
 
     @property
     def root(self) -> Path:
@@ -192,22 +251,23 @@ class DirectorySpool:
 
     def begin(self) -> IMessageWriter:
         """
-        Reserve a queue id and open its data file.
+        Reserve a queue id.  No file is created until the message outgrows
+        L{WRITE_BUFFER} or is committed; an id clash with a file already on
+        disk (possible only after the clock stepped back across a restart
+        with the same process tag) fails that write or commit with
+        C{EEXIST} and never touches the old file.
 
-        @raise OSError: the spool is not writable.
+        @raise OSError: the spool is closed.
         """
-        while True:
-            queue_id = new_queue_id(self._clock.seconds())
-            try:
-                fd = os.open(self._prefix + queue_id + _MSG, _OPEN_NEW, _FILE_MODE)
-            except FileExistsError:  # an id from before a clock step back; take the next
-                continue
-            return _Writer(self, queue_id, fd)
+        if self._commits.stopping:
+            raise OSError(errno.ESHUTDOWN, "the spool is closed")
+        return SpoolWriter(self, new_queue_id(self._reactor.seconds()))
 
     def subscribe(self, callback: object) -> None:
         """
-        Call C{callback(envelope)} after every commit.  An exception it raises
-        is logged and goes no further.
+        Call C{callback(envelope)} on the reactor thread after every commit
+        is durable, before its Deferred fires.  An exception it raises is
+        logged and goes no further.
         """
         if not callable(callback):
             raise TypeError("spool subscriber must be callable")
@@ -297,7 +357,7 @@ class DirectorySpool:
             else:
                 self._log.warn("Spool: ignoring unknown file {name}", name=name)
         if changed:
-            _fsync_dir(self._queue)
+            os.fsync(self._directory_fd())
         envelopes.sort(key=lambda e: (e.received_at, e.id))
         return envelopes
 
@@ -364,7 +424,7 @@ class DirectorySpool:
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, _FILE_MODE)
             try:
-                _write_all(fd, envelope.to_json())
+                write_all(fd, envelope.to_json())
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -372,14 +432,21 @@ class DirectorySpool:
         except OSError:
             _unlink_quietly(temp)
             raise
-        _fsync_dir(self._queue_dir)
+        os.fsync(self._directory_fd())
 
-    def _discard(self, queue_id: str, envelope_too: bool) -> None:
-        # After a failed directory fsync the envelope may already be in place:
-        # remove it first so a crash never leaves data behind a marker.
-        suffixes = (_ENV, _ENV + _TMP, _MSG) if envelope_too else (_MSG,)
-        for suffix in suffixes:
-            _unlink_quietly(self._file(queue_id, suffix))
+    def _directory_fd(self) -> int:
+        if self._dir_fd < 0:  # closed: reopen for the synchronous methods
+            self._dir_fd = os.open(self._queue_dir, _OPEN_DIR)
+        return self._dir_fd
+
+    def _deliver(self, batch: list[PendingCommit], errors: list[OSError | None]) -> None:
+        for entry, error in zip(batch, errors):
+            waiting, envelope = self._waiting.pop(entry)
+            if error is None:
+                self._committed(envelope)
+                waiting.callback(None)
+            else:
+                waiting.errback(error)
 
     def _committed(self, envelope: Envelope) -> None:
         for callback in list(self._subscribers):

@@ -1,0 +1,269 @@
+"""
+Group commit for the directory spool (SPEC section 4; DESIGN habit 13).
+
+A commit is a handful of blocking file system calls (create, write, two
+fsyncs, rename, a directory fsync): about 3 ms of waiting on this kind of
+disk, which must not happen on the reactor thread.  One L{CommitThread} per
+spool takes every commit pending when it becomes free and makes the whole
+batch durable together (L{commit_batch}): files of all entries first, then
+their fsyncs, then their renames, then one directory fsync.  On ext4 the
+first fsync's journal commit carries most of the others, so a batch of ten
+costs little more than a batch of one.
+
+L{commit_batch} is plain blocking code, also used synchronously by
+L{relaygw.spool.store.SpoolWriter.commit_now}.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Sequence
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads
+
+__all__ = ["CommitThread", "PendingCommit", "commit_batch"]
+
+_FILE_MODE = 0o600
+_OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+_OPEN_TEMP = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+
+
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """Write all of C{data} to C{fd} (os.write may write less)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+class PendingCommit:
+    """
+    One entry on its way to durability: its data (an open data file and/or
+    buffered octets) and its serialised envelope.
+
+    @ivar queue_id: the entry's id.
+    """
+
+    __slots__ = (
+        "queue_id",
+        "_data_path",
+        "_env_path",
+        "_data_fd",
+        "_created",
+        "_buffer",
+        "_envelope",
+        "_env_fd",
+        "_published",
+    )
+
+    def __init__(
+        self,
+        queue_id: str,
+        prefix: str,
+        data_fd: int,
+        buffer: bytes | bytearray,
+        envelope: bytes,
+    ) -> None:
+        """
+        @param prefix: the queue directory and a separator; the files are
+            C{prefix + queue_id + ".msg"} and C{".env"}.
+        @param data_fd: the open data file, or -1 when it is still to be
+            created (then C{buffer} is the whole message).
+        @param buffer: data still to be written to the data file.
+        @param envelope: the envelope's JSON.
+        """
+        self.queue_id = queue_id
+        self._data_path = prefix + queue_id + ".msg"
+        self._env_path = prefix + queue_id + ".env"
+        self._data_fd = data_fd
+        self._created = data_fd >= 0
+        self._buffer = buffer
+        self._envelope = envelope
+        self._env_fd = -1
+        self._published = False
+
+    def write_files(self) -> None:
+        """Create the data file if needed, write the rest of the data and the envelope temp file."""
+        if self._data_fd < 0:
+            self._data_fd = os.open(self._data_path, _OPEN_NEW, _FILE_MODE)
+            self._created = True
+        if self._buffer:
+            write_all(self._data_fd, self._buffer)
+        self._buffer = b""
+        self._env_fd = os.open(self._env_path + ".tmp", _OPEN_TEMP, _FILE_MODE)
+        write_all(self._env_fd, self._envelope)
+
+    def sync(self) -> None:
+        """fsync the data file and the envelope temp file, then close both."""
+        try:
+            os.fsync(self._data_fd)
+            os.fsync(self._env_fd)
+        finally:
+            self._close()
+
+    def publish(self) -> None:
+        """Rename the envelope temp file into place: the commit marker."""
+        os.replace(self._env_path + ".tmp", self._env_path)
+        self._published = True
+
+    def discard(self) -> None:
+        """
+        Close and remove what this commit wrote, envelope first so that a
+        crash never leaves data behind a marker.  A data file this commit
+        did not create (another entry's, after an id clash) is left alone.
+        Never raises.
+        """
+        self._close()
+        self._buffer = b""
+        if self._published:
+            _unlink_quietly(self._env_path)
+        _unlink_quietly(self._env_path + ".tmp")
+        if self._created:
+            _unlink_quietly(self._data_path)
+
+    def _close(self) -> None:
+        for fd in (self._data_fd, self._env_fd):
+            if fd >= 0:
+                _close_quietly(fd)
+        self._data_fd = self._env_fd = -1
+
+
+def commit_batch(batch: Sequence[PendingCommit], directory_fd: int) -> list[OSError | None]:
+    """
+    Make every entry of C{batch} durable, blocking: write all, fsync all,
+    rename all, then fsync the directory once.
+
+    @param directory_fd: an open descriptor of the queue directory.
+    @return: per entry, C{None} when it is durable, else the L{OSError}
+        that stopped it (its files are removed).  A failed directory fsync
+        fails every entry still live (their envelopes are removed first).
+    """
+    errors: list[OSError | None] = [None] * len(batch)
+    for step in (PendingCommit.write_files, PendingCommit.sync, PendingCommit.publish):
+        for i, entry in enumerate(batch):
+            if errors[i] is None:
+                try:
+                    step(entry)
+                except OSError as e:
+                    errors[i] = e
+                    entry.discard()
+    live = [i for i, error in enumerate(errors) if error is None]
+    if live:
+        try:
+            os.fsync(directory_fd)
+        except OSError as e:
+            for i in live:
+                batch[i].discard()
+                errors[i] = e
+    return errors
+
+
+Deliver = Callable[[list[PendingCommit], list[OSError | None]], None]
+
+
+class CommitThread:
+    """
+    The spool's one committing thread, started at the first commit.
+
+    Results go back to the reactor thread with
+    L{IReactorFromThreads.callFromThread}, one call per batch.
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorFromThreads,
+        directory_fd: Callable[[], int],
+        deliver: Deliver,
+    ) -> None:
+        """
+        @param directory_fd: gives the queue directory's open descriptor.
+        @param deliver: called on the reactor thread with each batch and its
+            results (as L{commit_batch} returns them).
+        """
+        self._reactor = reactor
+        self._directory_fd = directory_fd
+        self._deliver = deliver
+        self._lock = threading.Condition(threading.Lock())
+        self._pending: list[PendingCommit] = []
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._stopped: Deferred[None] = Deferred()
+
+    @property
+    def stopping(self) -> bool:
+        """Whether L{stop} was called."""
+        return self._stopping
+
+    def submit(self, entry: PendingCommit) -> None:
+        """
+        Queue C{entry} for the next batch.
+
+        @raise RuntimeError: the thread was stopped.
+        """
+        with self._lock:
+            if self._stopping:
+                raise RuntimeError("the spool is closed")
+            self._pending.append(entry)
+            if self._thread is None:
+                # A daemon: a process that never calls stop() must still exit;
+                # whatever was pending then was never acknowledged.
+                self._thread = threading.Thread(
+                    target=self._run, name="relaygw-spool-commit", daemon=True
+                )
+                self._thread.start()
+            else:
+                self._lock.notify()
+
+    def stop(self) -> Deferred[None]:
+        """
+        Take no more commits; finish the pending ones.
+
+        @return: fires once every pending commit's result was delivered.
+        """
+        with self._lock:
+            already, self._stopping = self._stopping, True
+            running = self._thread is not None
+            self._lock.notify()
+        if not running and not already:
+            self._stopped.callback(None)
+        stopped: Deferred[None] = Deferred()
+
+        def tell(result: object) -> object:
+            stopped.callback(None)
+            return result
+
+        self._stopped.addBoth(tell)
+        return stopped
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._pending and not self._stopping:
+                    self._lock.wait()
+                batch, self._pending = self._pending, []
+            if not batch:
+                self._reactor.callFromThread(self._stopped.callback, None)
+                return
+            try:
+                errors = commit_batch(batch, self._directory_fd())
+            except BaseException as e:  # a bug: still answer every waiting client
+                failure = OSError(f"spool commit failed unexpectedly: {e!r}")
+                for entry in batch:
+                    entry.discard()
+                errors = [failure] * len(batch)
+            self._reactor.callFromThread(self._deliver, batch, errors)
