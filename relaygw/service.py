@@ -361,8 +361,8 @@ class RelayGatewayService(MultiService):
 
     def stopService(self) -> Deferred[None]:
         """
-        Stop listening, then stop delivery (the scheduler waits, bounded, for
-        attempts in progress).
+        Stop listening, finish the spool commits in progress, then stop
+        delivery (which waits, bounded, for attempts in progress).
 
         @return: a Deferred firing when all of that is done.
         """
@@ -374,6 +374,10 @@ class RelayGatewayService(MultiService):
             await DeferredList(waits, consumeErrors=True)
         self._log.info("stopped listening")
         await _maybe(super().stopService())  # type: ignore[no-untyped-call]
+        if self._spool is not None:
+            # Commits already requested finish (their 250s go out); later
+            # ones fail with 452 4.3.1, acknowledging nothing.
+            await self._spool.close()
         if self._scheduler is not None:
             await self._scheduler.stop()
             self._scheduler = None
