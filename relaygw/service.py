@@ -277,6 +277,11 @@ class RelayGatewayService(MultiService):
             spool.subscribe(lambda envelope: delivery.notify(envelope.id))
         factory.doStart()  # type: ignore[no-untyped-call]
         self._gate.target = self._factory
+        # Test fixtures and operators wait for this line: a bound socket
+        # accepts TCP connections before this point, but no session yet.
+        self._log.info(
+            "relaygw ready: accepting connections on {count} socket(s)", count=len(self._ports)
+        )
 
     def _build_directory(self) -> IDirectory:
         """

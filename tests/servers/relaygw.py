@@ -15,12 +15,14 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from tests.servers.ports import wait_for_ports
+from tests.servers.ports import wait_for_ports, wait_until
 from tests.servers.procs import cpu_seconds, kill_process, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 TWISTD = BIN / "twistd"
+#: What the service logs once it takes sessions (relaygw.service).
+READY = "relaygw ready: accepting connections"
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -135,9 +137,20 @@ class RelaygwProcess:
 
     def start(self, timeout: float = 30.0) -> RelaygwProcess:
         """Start and wait (bounded) until every port in C{ports} accepts connections."""
+        mark = len(self.output())  # the output file is appended to across restarts
         proc = self.spawn()
         try:
             wait_for_ports(self.host, self.ports, timeout, alive=lambda: proc.poll() is None)
+            # Bound sockets accept TCP before the service has recovered the
+            # spool and generated certificates; the service says when it is.
+            wait_until(
+                lambda: READY in self.output()[mark:] or proc.poll() is not None,
+                timeout,
+                0.05,
+                "relaygw to report ready",
+            )
+            if proc.poll() is not None:
+                raise RuntimeError(f"exited with status {proc.returncode}")
         except (TimeoutError, RuntimeError) as e:
             self.kill9()
             raise RuntimeError(
