@@ -45,7 +45,7 @@ class IMessageWriter(Interface):
     def write(data: bytes) -> None:
         """
         Append C{data} to the message (synchronously; at most a bounded
-        amount is held in memory, the rest goes to the data file).
+        amount is held in memory, the rest goes to the entry's file).
 
         @raise OSError: the spool cannot take it; the caller answers 452 4.3.1
             and calls L{abort}.
@@ -53,9 +53,9 @@ class IMessageWriter(Interface):
 
     def commit(envelope: object) -> Deferred[None]:
         """
-        Make the message durable, off the reactor thread: write and fsync
-        the data file, write the L{relaygw.spool.envelope.Envelope} (its
-        C{id} is L{queue_id}) to a temporary file, fsync it, rename it into
+        Make the message durable, off the reactor thread: write the rest of
+        the data and the L{relaygw.spool.envelope.Envelope} (its C{id} is
+        L{queue_id}) to the entry's temporary file, fsync it, rename it into
         place (the commit marker), fsync the directory.  Then the spool's
         subscribers are told (L{ISpool.subscribe}) and the Deferred fires.
         Only after it has fired may the client get 250.  The commit completes
@@ -63,7 +63,7 @@ class IMessageWriter(Interface):
 
         @return: a Deferred firing with C{None} once the entry is durable, or
             failing with the L{OSError} that stopped it: then nothing was
-            committed and the entry's files are removed.
+            committed and the entry's file is removed.
         @raise ValueError: the writer is closed, or the envelope is not this
             writer's.
         """
@@ -79,14 +79,16 @@ class ISpool(Interface):
     """
     The durable queue between the receive side and the send side.
 
-    A committed entry is a data file plus an envelope file; the envelope is
-    written last, so an entry without one is partial and is removed by
-    L{recover}.
+    A committed entry holds the message data and its envelope; it appears
+    (atomically) only once both are durable, so whatever a crash leaves of
+    an entry being written is partial and is removed by L{recover}.  The
+    delivery side's L{update}s supersede the envelope it was committed
+    with.
     """
 
     def begin() -> IMessageWriter:
         """
-        Reserve a new queue id for a message (its files may be created
+        Reserve a new queue id for a message (its file may be created
         only later, by L{IMessageWriter.write} or L{IMessageWriter.commit}).
 
         @raise OSError: the spool cannot take messages.
@@ -111,19 +113,26 @@ class ISpool(Interface):
         @raise KeyError: no such entry.
         """
 
-    def data_path(queue_id: str) -> object:
-        """@return: the L{pathlib.Path} of the entry's message data (read-only use)."""
+    def open_data(queue_id: str) -> object:
+        """
+        @return: a new seekable binary file object (C{typing.BinaryIO}) that
+            reads the message data of a committed entry from its start and
+            ends where the data ends; the caller closes it.
+        @raise KeyError: no such entry.
+        @raise ValueError: the entry is damaged.
+        @raise OSError: it cannot be read.
+        """
 
     def update(envelope: object) -> None:
         """
         Atomically replace an entry's envelope (temp file, fsync, rename,
-        directory fsync), synchronously.
+        directory fsync), synchronously; L{load} returns it from then on.
 
         @raise KeyError: no such entry.
         """
 
     def remove(queue_id: str) -> None:
-        """Delete an entry (envelope first, then data).  Idempotent."""
+        """Delete an entry (its data, envelope and updates).  Idempotent."""
 
     def subscribe(callback: object) -> None:
         """
@@ -151,12 +160,17 @@ class IDeliveryTarget(Interface):
     per destination.  Never raises: every failure becomes an outcome.
     """
 
-    def deliver(envelope: object, recipients: object, data_path: object) -> object:
+    def deliver(envelope: object, recipients: object, open_data: object) -> object:
         """
         @param envelope: the L{relaygw.spool.envelope.Envelope}.
         @param recipients: the addresses (a sequence of str) to deliver now,
             all routed to this target.
-        @param data_path: the L{pathlib.Path} of the message data.
+        @param open_data: a callable taking no arguments that opens the
+            message data, as often as the target needs it: it returns a new
+            seekable binary file object (C{typing.BinaryIO}) reading the data
+            from its start to its end, which the target closes; it raises
+            what L{ISpool.open_data} raises (L{OSError}, L{KeyError},
+            L{ValueError}) when the data cannot be had.
         @return: a L{twisted.internet.defer.Deferred} firing with a dict
             mapping each address in C{recipients} to an
             L{relaygw.spool.envelope.Outcome}.

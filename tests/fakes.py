@@ -157,8 +157,11 @@ class RecordingSpool:
                 return envelope
         raise KeyError(queue_id)
 
-    def data_path(self, queue_id: str) -> object:
-        raise NotImplementedError("RecordingSpool keeps data in memory")
+    def open_data(self, queue_id: str) -> object:
+        for envelope, data in self.committed:
+            if envelope.id == queue_id:
+                return io.BytesIO(data)
+        raise KeyError(queue_id)
 
     def update(self, envelope: object) -> None:
         raise NotImplementedError("not used by the receive side")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import io
 from datetime import timedelta
-from pathlib import Path
 
 from attrs import evolve
 from twisted.internet.defer import Deferred, fail, succeed
@@ -47,8 +47,10 @@ class MemorySpool:
     def load(self, queue_id: str) -> Envelope:
         return self.entries[queue_id]
 
-    def data_path(self, queue_id: str) -> Path:
-        return Path("/spool") / f"{queue_id}.msg"
+    def open_data(self, queue_id: str) -> io.BytesIO:
+        if queue_id not in self.entries:
+            raise KeyError(queue_id)
+        return io.BytesIO(f"data of {queue_id}".encode())
 
     def update(self, envelope: object) -> None:
         assert isinstance(envelope, Envelope)
@@ -94,9 +96,11 @@ class ScriptedTarget:
         self.pending: list[tuple[Deferred[dict[str, Outcome]], dict[str, Outcome]]] = []
         self.error: Exception | None = None
 
-    def deliver(self, envelope: object, recipients: object, data_path: object) -> object:
+    def deliver(self, envelope: object, recipients: object, open_data: object) -> object:
         assert isinstance(envelope, Envelope) and isinstance(recipients, list)
-        assert data_path == Path("/spool") / f"{envelope.id}.msg"
+        assert callable(open_data)
+        with open_data() as data:
+            assert data.read() == f"data of {envelope.id}".encode()
         self.calls.append((envelope.id, tuple(recipients)))
         if self.error is not None:
             return fail(self.error)

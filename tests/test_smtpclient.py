@@ -145,10 +145,9 @@ class ProtocolTests(SynchronousTestCase):
         smtputf8: bool = False,
         pump: bool = True,
     ) -> tuple[Any, Any, IOPump]:
-        message = OutboundMessage(
-            "s@x.test", recipients, _data_file(self.tmp, content), eight_bit, smtputf8
-        )
-        data = open(message.data_path, "rb")
+        path = _data_file(self.tmp, content)
+        message = OutboundMessage("s@x.test", recipients, lambda: open(path, "rb"), eight_bit, smtputf8)
+        data = message.open_data()
         client, self.result = make_client(
             message,
             data,
@@ -401,7 +400,8 @@ class SinkTests(TestCase):
         self.data = _data_file(tmp, b"Subject: sink\r\n\r\n.dot line\r\nbody\r\n")
 
     def send(self, host: HostPort, tls: ClientTLS = "opportunistic") -> Any:
-        message = OutboundMessage("s@x.test", ("a@x.test", "b@x.test"), self.data)
+        path = self.data
+        message = OutboundMessage("s@x.test", ("a@x.test", "b@x.test"), lambda: open(path, "rb"))
         timeouts = ClientTimeouts(connect=5, reply=5, data_done=5)
         return deliver_to_host(
             self.reactor, host, message, helo="gw.example.test", tls=tls, timeouts=timeouts

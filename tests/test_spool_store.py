@@ -12,7 +12,7 @@ import threading
 import time
 import tracemalloc
 from pathlib import Path
-from typing import Any, Callable, TypeVar, cast
+from typing import Any, BinaryIO, Callable, TypeVar, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
@@ -61,6 +61,12 @@ class ThreadReactor(Clock):
     def pending_calls(self) -> int:
         """Calls from threads not run yet."""
         return self._calls.qsize()
+
+
+def write_entry(queue: Path, queue_id: str, data: bytes, envelope_json: bytes) -> None:
+    """Write a committed entry file by hand, in the documented format."""
+    trailer = b"\n%010d RGWENV1\n" % len(envelope_json)
+    (queue / (queue_id + ".msg")).write_bytes(data + envelope_json + trailer)
 
 
 def make_envelope(queue_id: str, *, received_at: float = _NOW, size: int = 0) -> Envelope:
@@ -123,6 +129,11 @@ class SpoolTestCase(SynchronousTestCase):
         """The file names in the queue directory."""
         return sorted(os.listdir(self.queue))
 
+    def data(self, queue_id: str) -> bytes:
+        """The message data of a committed entry, read through open_data."""
+        with cast(BinaryIO, self.spool.open_data(queue_id)) as f:
+            return f.read()
+
 
 class ContractTests(SpoolTestCase):
     """The spool and its writers provide relaygw's interfaces."""
@@ -151,7 +162,7 @@ class CommitTests(SpoolTestCase):
         envelope = make_envelope(writer.queue_id, size=writer.size)
         self.commit(writer, envelope)
         self.assertEqual(self.spool.load(writer.queue_id), envelope)
-        self.assertEqual(self.spool.data_path(writer.queue_id).read_bytes(), b"".join(chunks))
+        self.assertEqual(self.data(writer.queue_id), b"".join(chunks))
 
     def test_small_message_round_trip(self) -> None:
         """A message that never left the buffer is written whole by the commit."""
@@ -159,14 +170,23 @@ class CommitTests(SpoolTestCase):
         writer.write(b"Subject: small\r\n\r\n")
         writer.write(b"body\r\n")
         self.commit(writer, make_envelope(writer.queue_id, size=writer.size))
-        self.assertEqual(
-            self.spool.data_path(writer.queue_id).read_bytes(), b"Subject: small\r\n\r\nbody\r\n"
-        )
+        self.assertEqual(self.data(writer.queue_id), b"Subject: small\r\n\r\nbody\r\n")
 
     def test_layout(self) -> None:
-        """A committed entry is exactly <id>.msg and <id>.env in queue/, nothing temporary."""
+        """A committed entry is exactly one file <id>.msg in queue/, nothing temporary."""
         envelope = self.store(b"data")
-        self.assertEqual(self.names(), [envelope.id + ".env", envelope.id + ".msg"])
+        self.assertEqual(self.names(), [envelope.id + ".msg"])
+
+    def test_entry_file_format(self) -> None:
+        """
+        The entry file is the data, the envelope JSON, then the 20-octet
+        trailer "\\n" + ten-digit envelope length + " RGWENV1\\n".
+        """
+        for data in (b"Subject: x\r\n\r\nbody\r\n", b"y" * (WRITE_BUFFER + 5)):
+            envelope = self.store(data)
+            raw = (self.queue / (envelope.id + ".msg")).read_bytes()
+            doc = envelope.to_json()
+            self.assertEqual(raw, data + doc + b"\n%010d RGWENV1\n" % len(doc))
 
     def test_permissions(self) -> None:
         """Spool directories are mode 0700 and spool files 0600, both for buffered and large data."""
@@ -174,10 +194,10 @@ class CommitTests(SpoolTestCase):
         large = self.store(b"x" * (2 * WRITE_BUFFER))
         for directory in (self.root, self.queue):
             self.assertEqual(stat.S_IMODE(directory.stat().st_mode), 0o700)
-        for envelope in (small, large):
-            for suffix in (".msg", ".env"):
-                mode = (self.queue / (envelope.id + suffix)).stat().st_mode
-                self.assertEqual(stat.S_IMODE(mode), 0o600)
+        self.spool.update(small)
+        for name in (small.id + ".msg", small.id + ".upd", large.id + ".msg"):
+            mode = (self.queue / name).stat().st_mode
+            self.assertEqual(stat.S_IMODE(mode), 0o600)
 
     def test_existing_root_is_reused(self) -> None:
         """A second spool on the same root sees the first one's entries."""
@@ -223,7 +243,7 @@ class CommitTests(SpoolTestCase):
         self.addCleanup(writer.abort)
         writer.write(b"a" * 1000)
         writer.write(b"b" * WRITE_BUFFER)
-        path = self.spool.data_path(writer.queue_id)
+        path = self.queue / (writer.queue_id + ".tmp")
         self.assertEqual(path.stat().st_size, 1000 + WRITE_BUFFER)
         writer.write(b"c" * 1000)
         self.assertEqual(path.stat().st_size, 1000 + WRITE_BUFFER)
@@ -241,7 +261,8 @@ class CommitTests(SpoolTestCase):
         self.commit(writer, make_envelope(writer.queue_id, size=writer.size))
         _, peak = tracemalloc.get_traced_memory()
         self.assertLess(peak, 4 * WRITE_BUFFER)
-        self.assertEqual(self.spool.data_path(writer.queue_id).stat().st_size, count * len(chunk))
+        with cast(BinaryIO, self.spool.open_data(writer.queue_id)) as f:
+            self.assertEqual(f.seek(0, os.SEEK_END), count * len(chunk))
 
     def test_commit_needs_its_own_envelope(self) -> None:
         """Committing an envelope with another id is refused at once and commits nothing."""
@@ -249,7 +270,7 @@ class CommitTests(SpoolTestCase):
         self.addCleanup(writer.abort)
         writer.write(b"x" * (WRITE_BUFFER + 1))
         self.assertRaises(ValueError, writer.commit, make_envelope(new_queue_id(_NOW)))
-        self.assertEqual(self.names(), [writer.queue_id + ".msg"])
+        self.assertEqual(self.names(), [writer.queue_id + ".tmp"])
 
     def test_closed_writer_refuses_more(self) -> None:
         """After commit, write and commit raise ValueError and abort leaves the entry alone."""
@@ -302,7 +323,7 @@ class AbortTests(SpoolTestCase):
         """A second abort does nothing and raises nothing, even if the file is already gone."""
         writer = self.spool.begin()
         writer.write(b"x" * (WRITE_BUFFER + 1))
-        os.unlink(self.spool.data_path(writer.queue_id))
+        os.unlink(self.queue / (writer.queue_id + ".tmp"))
         writer.abort()
         writer.abort()
         self.assertEqual(self.names(), [])
@@ -380,7 +401,7 @@ class GroupCommitTests(SpoolTestCase):
         writer.write(b"data")
         done = writer.commit(make_envelope(writer.queue_id))
         deadline = time.monotonic() + 30
-        while not (self.queue / (writer.queue_id + ".env")).exists():
+        while not (self.queue / (writer.queue_id + ".msg")).exists():
             self.assertLess(time.monotonic(), deadline)
             time.sleep(0.001)
         self.assertNoResult(done)
@@ -436,8 +457,9 @@ class GroupCommitTests(SpoolTestCase):
 
     def test_batch_order_and_one_directory_fsync(self) -> None:
         """
-        A batch writes every file, then fsyncs them all, then renames them
-        all, then fsyncs the directory exactly once.
+        A batch writes every file (data, envelope and trailer of a small
+        message in one write), then fsyncs them all, then renames them all,
+        then fsyncs the directory exactly once.
         """
         from relaygw.spool import commit as commit_module
 
@@ -464,7 +486,7 @@ class GroupCommitTests(SpoolTestCase):
         self.patch(commit_module, "os", Recording())
         entries, envelopes = self.batch(3)
         self.assertEqual(commit_module.commit_batch(entries, directory_fd), [None] * 3)
-        self.assertEqual(calls, ["write"] * 6 + ["fsync"] * 6 + ["rename"] * 3 + ["dirsync"])
+        self.assertEqual(calls, ["write"] * 3 + ["fsync"] * 3 + ["rename"] * 3 + ["dirsync"])
         for envelope in envelopes:
             self.assertEqual(self.spool.load(envelope.id), envelope)
 
@@ -482,16 +504,13 @@ class GroupCommitTests(SpoolTestCase):
         self.assertEqual(clash.read_bytes(), b"someone else's")
         self.assertEqual(
             self.names(),
-            sorted(
-                [envelopes[0].id + ".env", envelopes[0].id + ".msg", clash.name]
-                + [envelopes[2].id + ".env", envelopes[2].id + ".msg"]
-            ),
+            sorted([envelopes[0].id + ".msg", clash.name, envelopes[2].id + ".msg"]),
         )
 
     def test_failed_directory_fsync_fails_the_batch(self) -> None:
         """
         When the directory fsync fails every entry of the batch fails with
-        that error and its envelope and data are removed.
+        that error and its file is removed.
         """
         from relaygw.spool import commit as commit_module
 
@@ -565,15 +584,23 @@ class CloseTests(SpoolTestCase):
 
 
 class EntryTests(SpoolTestCase):
-    """load, update, remove and data_path of committed entries."""
+    """load, open_data, update and remove of committed entries."""
 
     def test_update_replaces_envelope(self) -> None:
-        """update() replaces the envelope atomically and leaves no temporary file."""
+        """
+        update() writes <id>.upd, which load() returns from then on (also
+        in another spool object); the entry file is untouched and no
+        temporary file is left.
+        """
         envelope = self.store(b"data")
+        before = (self.queue / (envelope.id + ".msg")).read_bytes()
         later = envelope.with_outcomes({"rcpt@example.test": Outcome("retry", "451 4.4.1 later")})
         self.spool.update(later)
         self.assertEqual(self.spool.load(envelope.id), later)
-        self.assertEqual(self.names(), [envelope.id + ".env", envelope.id + ".msg"])
+        self.assertEqual(self.open_spool().load(envelope.id), later)
+        self.assertEqual(self.names(), [envelope.id + ".msg", envelope.id + ".upd"])
+        self.assertEqual((self.queue / (envelope.id + ".msg")).read_bytes(), before)
+        self.assertEqual(self.data(envelope.id), b"data")
 
     def test_update_unknown_entry(self) -> None:
         """update() of an entry that does not exist raises KeyError and creates nothing."""
@@ -588,6 +615,69 @@ class EntryTests(SpoolTestCase):
         self.assertRaises(KeyError, self.spool.load, envelope.id)
         self.spool.remove(envelope.id)
 
+    def test_remove_deletes_the_update(self) -> None:
+        """remove() of an updated entry deletes its update too, also from a spool that never loaded it."""
+        for spool in (self.spool, self.open_spool()):
+            envelope = self.store(b"data")
+            self.spool.update(envelope)
+            spool.remove(envelope.id)
+            self.assertEqual(self.names(), [])
+
+    def test_remove_of_a_loaded_entry_skips_the_update(self) -> None:
+        """
+        remove() of an entry this spool loaded without an update unlinks
+        only the entry file (no needless unlink of a missing .upd).
+        """
+        from relaygw.spool import store as store_module
+
+        envelope = self.store(b"data")
+        self.spool.load(envelope.id)
+        unlinked: list[str] = []
+
+        class Recording:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(os, name)
+
+            def unlink(self, path: str) -> None:
+                unlinked.append(os.path.basename(path))
+                os.unlink(path)
+
+        self.patch(store_module, "os", Recording())
+        self.spool.remove(envelope.id)
+        self.assertEqual(unlinked, [envelope.id + ".msg"])
+        self.assertEqual(self.names(), [])
+
+    def test_load_update_without_entry(self) -> None:
+        """An update left without its entry file is no entry: load() raises KeyError."""
+        envelope = self.store(b"data")
+        self.spool.update(envelope)
+        os.unlink(self.queue / (envelope.id + ".msg"))
+        self.assertRaises(KeyError, self.spool.load, envelope.id)
+        self.assertRaises(KeyError, self.spool.update, envelope)
+
+    def test_open_data_reads_only_the_data(self) -> None:
+        """
+        open_data() reads the message data and then ends (never the envelope
+        or trailer), read(n) by read(n); seek(0) starts it over.
+        """
+        data = b"Subject: x\r\n\r\n" + b"z" * 40_000
+        envelope = self.store(data)
+        with cast(BinaryIO, self.spool.open_data(envelope.id)) as f:
+            chunks = []
+            for _ in range(100):
+                chunk = f.read(16384)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            self.assertEqual(b"".join(chunks), data)
+            self.assertEqual(f.read(), b"")
+            self.assertEqual(f.seek(0), 0)
+            self.assertEqual(f.read(), data)
+
+    def test_open_data_unknown(self) -> None:
+        """open_data() of an unknown id raises KeyError."""
+        self.assertRaises(KeyError, self.spool.open_data, new_queue_id(_NOW))
+
     def test_load_unknown(self) -> None:
         """load() of an unknown id raises KeyError."""
         self.assertRaises(KeyError, self.spool.load, new_queue_id(_NOW))
@@ -597,7 +687,7 @@ class EntryTests(SpoolTestCase):
         (self.base / "secret.env").write_bytes(b"{}")
         for bad in ("../../secret", "../secret", "", "a" * 18):
             self.assertRaises(KeyError, self.spool.load, bad)
-            self.assertRaises(KeyError, self.spool.data_path, bad)
+            self.assertRaises(KeyError, self.spool.open_data, bad)
         self.assertRaises(KeyError, self.spool.remove, "../../secret")
         self.assertTrue((self.base / "secret.env").exists())
 
@@ -630,58 +720,117 @@ class RecoverTests(SpoolTestCase):
         self.assertEqual(self.spool.recover(), [])
 
     def test_removes_temporary_files(self) -> None:
-        """An envelope temp file (crash before the rename) is deleted, with its data."""
+        """Temporary files (an entry, an update or an old envelope being written) are deleted."""
         queue_id = new_queue_id(_NOW)
-        (self.queue / (queue_id + ".msg")).write_bytes(b"data")
-        (self.queue / (queue_id + ".env.tmp")).write_bytes(make_envelope(queue_id).to_json())
-        self.assertEqual(self.spool.recover(), [])
-        self.assertEqual(self.names(), [])
+        committed = self.store(b"keep")
+        for name in (queue_id + ".tmp", committed.id + ".upd.tmp", queue_id + ".env.tmp"):
+            (self.queue / name).write_bytes(b"partial")
+        self.assertEqual(self.spool.recover(), [committed])
+        self.assertEqual(self.names(), [committed.id + ".msg"])
 
     def test_removes_partial_entries(self) -> None:
-        """Data without an envelope is a partial entry: deleted and logged as a warning."""
+        """An entry whose commit never finished (<id>.tmp) is deleted and logged as a warning."""
         committed = self.store(b"keep")
         partial = self.spool.begin()
         partial.write(b"x" * (2 * WRITE_BUFFER))
         self.assertEqual(self.spool.recover(), [committed])
-        self.assertEqual(self.names(), [committed.id + ".env", committed.id + ".msg"])
+        self.assertEqual(self.names(), [committed.id + ".msg"])
         self.assertEqual(self.logged(LogLevel.warn), [partial.queue_id])
+
+    def test_returns_updated_envelopes(self) -> None:
+        """An entry with an update comes back with the updated envelope."""
+        envelope = self.store(b"data")
+        later = envelope.with_outcomes({"rcpt@example.test": Outcome("retry", "451 4.4.1 later")})
+        self.spool.update(later)
+        self.assertEqual(self.open_spool().recover(), [later])
+        self.assertEqual(self.names(), [envelope.id + ".msg", envelope.id + ".upd"])
 
     def quarantined(self, queue_id: str, *files: str) -> None:
         """Assert C{queue_id} was moved to corrupt/ (exactly C{files}) and logged as an error."""
         self.assertEqual(self.names(), [])
         self.assertEqual(sorted(os.listdir(self.root / "corrupt")), sorted(files))
-        self.assertEqual(self.logged(LogLevel.error), [queue_id])
+        self.assertEqual(set(self.logged(LogLevel.error)), {queue_id})
 
-    def test_envelope_without_data(self) -> None:
-        """An envelope whose data is missing goes to corrupt/ and is logged as an error."""
+    def test_update_without_entry(self) -> None:
+        """An update whose entry is gone (a crash inside remove()) is deleted; nothing is recovered."""
         envelope = self.store(b"data")
-        os.unlink(self.spool.data_path(envelope.id))
+        self.spool.update(envelope)
+        os.unlink(self.queue / (envelope.id + ".msg"))
         self.assertEqual(self.spool.recover(), [])
-        self.quarantined(envelope.id, envelope.id + ".env")
+        self.assertEqual(self.names(), [])
+        self.assertFalse((self.root / "corrupt").exists())
 
     def test_unparseable_envelope(self) -> None:
-        """An envelope that is not valid JSON goes to corrupt/ with its data."""
+        """An entry whose envelope is not valid JSON goes to corrupt/."""
         queue_id = new_queue_id(_NOW)
-        (self.queue / (queue_id + ".msg")).write_bytes(b"data")
-        (self.queue / (queue_id + ".env")).write_bytes(b'{"version": 1, "id": "trunc')
+        write_entry(self.queue, queue_id, b"data", b'{"version": 1, "id": "trunc')
         self.assertEqual(self.spool.recover(), [])
-        self.quarantined(queue_id, queue_id + ".env", queue_id + ".msg")
+        self.quarantined(queue_id, queue_id + ".msg")
 
     def test_unknown_schema_version(self) -> None:
         """An envelope of an unknown schema version is not guessed at: it goes to corrupt/."""
         queue_id = new_queue_id(_NOW)
-        (self.queue / (queue_id + ".msg")).write_bytes(b"data")
-        (self.queue / (queue_id + ".env")).write_bytes(b'{"version": 99}')
+        write_entry(self.queue, queue_id, b"data", b'{"version": 99}')
         self.assertEqual(self.spool.recover(), [])
-        self.quarantined(queue_id, queue_id + ".env", queue_id + ".msg")
+        self.quarantined(queue_id, queue_id + ".msg")
 
     def test_envelope_naming_another_id(self) -> None:
         """An envelope whose id differs from its file name goes to corrupt/."""
         queue_id = new_queue_id(_NOW)
-        (self.queue / (queue_id + ".msg")).write_bytes(b"data")
-        (self.queue / (queue_id + ".env")).write_bytes(make_envelope(new_queue_id(_NOW)).to_json())
+        write_entry(self.queue, queue_id, b"data", make_envelope(new_queue_id(_NOW)).to_json())
+        self.assertEqual(self.spool.recover(), [])
+        self.quarantined(queue_id, queue_id + ".msg")
+
+    def test_damaged_trailers(self) -> None:
+        """
+        Entry files without a complete trailer (truncated, too short, or
+        naming more envelope octets than the file holds) go to corrupt/.
+        """
+        doc = make_envelope("X").to_json()
+        bad = {
+            "truncated": b"data" + doc + b"\n%010d RGWENV" % len(doc),
+            "short": b" RGWENV1\n",
+            "too long": b"data" + doc + b"\n%010d RGWENV1\n" % (len(doc) + 100),
+            "not digits": b"data" + doc + b"\n00000000x1 RGWENV1\n",
+        }
+        ids = []
+        for content in bad.values():
+            queue_id = new_queue_id(_NOW)
+            (self.queue / (queue_id + ".msg")).write_bytes(content)
+            ids.append(queue_id)
+        self.assertEqual(self.spool.recover(), [])
+        self.assertEqual(self.names(), [])
+        self.assertEqual(sorted(os.listdir(self.root / "corrupt")), sorted(i + ".msg" for i in ids))
+        self.assertEqual(sorted(self.logged(LogLevel.error)), sorted(ids))
+
+    def test_unparseable_update(self) -> None:
+        """An entry whose update cannot be parsed goes to corrupt/ with the update."""
+        envelope = self.store(b"data")
+        (self.queue / (envelope.id + ".upd")).write_bytes(b'{"version": 1')
+        self.assertEqual(self.spool.recover(), [])
+        self.quarantined(envelope.id, envelope.id + ".msg", envelope.id + ".upd")
+
+    def test_entry_of_the_two_file_layout(self) -> None:
+        """
+        An entry of the older two-file layout (<id>.msg of bare data and
+        <id>.env) is not guessed at: both files go to corrupt/, logged; the
+        next recover() finds nothing to do.
+        """
+        queue_id = new_queue_id(_NOW)
+        (self.queue / (queue_id + ".msg")).write_bytes(b"Subject: old\r\n\r\nbody\r\n")
+        (self.queue / (queue_id + ".env")).write_bytes(make_envelope(queue_id).to_json())
         self.assertEqual(self.spool.recover(), [])
         self.quarantined(queue_id, queue_id + ".env", queue_id + ".msg")
+        self.assertEqual(self.spool.recover(), [])
+
+    def test_stray_envelope_file(self) -> None:
+        """A stray .env file goes to corrupt/ alone; a good entry of the same id stays."""
+        envelope = self.store(b"data")
+        (self.queue / (envelope.id + ".env")).write_bytes(b"{}")
+        self.assertEqual(self.spool.recover(), [envelope])
+        self.assertEqual(self.names(), [envelope.id + ".msg"])
+        self.assertEqual(os.listdir(self.root / "corrupt"), [envelope.id + ".env"])
+        self.assertEqual(self.logged(LogLevel.error), [envelope.id])
 
     def test_unknown_files_left_alone(self) -> None:
         """A file the spool did not write is kept and only warned about."""
@@ -720,6 +869,34 @@ class EntriesTests(SynchronousTestCase):
             any(name.startswith(partial.queue_id) for name in os.listdir(root / "queue"))
         )
         partial.abort()
+
+
+    def test_entries_use_updates_and_leave_strays_alone(self) -> None:
+        """
+        entries() lists an updated entry with its update, and leaves stray
+        files (an update without entry, an old .env, temporary files) where
+        they are.
+        """
+        root = Path(tempfile.mkdtemp(prefix="relaygw-entries-"))
+        self.addCleanup(shutil.rmtree, root, True)
+        clock = ThreadReactor()
+        clock.advance(1_800_000_000)
+        spool = DirectorySpool(root, cast(ISpoolReactor, clock))
+        self.addCleanup(lambda: clock.settle(spool.close()))
+        writer = spool.begin()
+        writer.write(b"Subject: one\r\n\r\n")
+        committed = _envelope_for(writer.queue_id, 1.0)
+        clock.settle(writer.commit(committed))
+        later = committed.with_outcomes({"r@example.test": Outcome("retry", "451 4.4.1 later")})
+        spool.update(later)
+        strays = ["0STRAY00000000000A.upd", "0STRAY00000000000B.env", "0STRAY00000000000C.tmp"]
+        for name in strays:
+            (root / "queue" / name).write_bytes(b"{}")
+        self.assertEqual(spool.entries(), [later])
+        self.assertEqual(
+            sorted(os.listdir(root / "queue")),
+            sorted(strays + [committed.id + ".msg", committed.id + ".upd"]),
+        )
 
 
 def _envelope_for(queue_id: str, received_at: float) -> Envelope:

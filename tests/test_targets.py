@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable, cast
 from unittest import mock
 
 import pytest
+from attrs import evolve
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -34,6 +36,11 @@ def _tmpdir(case: SynchronousTestCase) -> Path:
     path = Path(tempfile.mkdtemp(prefix="relaygw-test-"))
     case.addCleanup(shutil.rmtree, path, True)
     return path
+
+
+def _opener(path: Path) -> Callable[[], BinaryIO]:
+    """An C{open_data} callable for IDeliveryTarget.deliver reading the whole file at C{path}."""
+    return lambda: open(path, "rb")
 
 
 BODY = b"Subject: hi\r\n\r\nline one\r\n.dot\r\n"
@@ -64,7 +71,9 @@ class MaildirTests(SynchronousTestCase):
         self.target = MaildirTarget(self.root, clock)
 
     def deliver(self, *rcpts: str) -> dict[str, Any]:
-        return self.successResultOf(self.target.deliver(_envelope(*rcpts), list(rcpts), self.data))
+        return self.successResultOf(
+            self.target.deliver(_envelope(*rcpts), list(rcpts), _opener(self.data))
+        )
 
     def test_provides_interface(self) -> None:
         """MaildirTarget provides IDeliveryTarget."""
@@ -149,6 +158,25 @@ class MaildirTests(SynchronousTestCase):
         self.assertEqual(result["gina@example.test"].kind, "retry")
         self.flushLoggedErrors(OSError)
 
+    def test_copies_only_the_data_of_a_spool_entry(self) -> None:
+        """Delivered from a real spool entry, the copy is the message data alone (no envelope or trailer)."""
+        from relaygw._types import ISpoolReactor
+        from relaygw.spool.store import DirectorySpool, SpoolWriter
+
+        clock = Clock()
+        clock.advance(1_800_000_000)
+        spool = DirectorySpool(self.tmp / "spool", cast(ISpoolReactor, clock))
+        self.addCleanup(spool.close)
+        writer = cast(SpoolWriter, spool.begin())
+        writer.write(BODY)
+        envelope = evolve(_envelope("ivy@example.test"), id=writer.queue_id)
+        writer.commit_now(envelope)
+        opener = functools.partial(spool.open_data, writer.queue_id)
+        result = self.successResultOf(self.target.deliver(envelope, ["ivy@example.test"], opener))
+        self.assertEqual(result["ivy@example.test"].kind, "delivered")
+        [msg] = list((self.root / "ivy" / "new").iterdir())
+        self.assertEqual(msg.read_bytes(), BODY.replace(b"\r\n", b"\n"))
+
     def test_crlf_split_across_chunks(self) -> None:
         """A CRLF split by the copy's chunk boundary still becomes one LF."""
         content = b"x" * (64 * 1024 - 1) + b"\r\nend\r\n"
@@ -177,7 +205,7 @@ class BuildTests(SynchronousTestCase):
     def test_mx_not_implemented_retries(self) -> None:
         """MX delivery is the next issue: every recipient is retried with 451 4.4.3."""
         t = MXTarget(Route("x"), reactor=MemoryReactorClock(), resolver=None, helo="gw")
-        result = self.successResultOf(t.deliver(_envelope("a@b.test"), ["a@b.test"], Path("/x")))
+        result = self.successResultOf(t.deliver(_envelope("a@b.test"), ["a@b.test"], _opener(Path("/x"))))
         self.assertEqual(result["a@b.test"].reply, "451 4.4.3 MX delivery not implemented yet")
         self.assertEqual(result["a@b.test"].kind, "retry")
 
@@ -216,7 +244,7 @@ class SmarthostTests(TestCase):
         """A closed first host passes the message to the next one, which delivers it."""
         sink = start_sink(self)
         t = self.target(HostPort("127.0.0.1", free_port()), sink.host)
-        result = await t.deliver(_envelope("a@x.test"), ["a@x.test"], self.data)
+        result = await t.deliver(_envelope("a@x.test"), ["a@x.test"], _opener(self.data))
         self.assertEqual(result["a@x.test"].kind, "delivered")
         self.assertEqual(result["a@x.test"].remote_host, str(sink.host))
         self.assertEqual(len(sink.messages()), 1)
@@ -226,7 +254,7 @@ class SmarthostTests(TestCase):
         refusing = start_sink(self, "-r", "MAIL")
         sink = start_sink(self)
         t = self.target(refusing.host, sink.host)
-        result = await t.deliver(_envelope("a@x.test"), ["a@x.test"], self.data)
+        result = await t.deliver(_envelope("a@x.test"), ["a@x.test"], _opener(self.data))
         self.assertEqual(result["a@x.test"].remote_host, str(sink.host))
         self.assertEqual(result["a@x.test"].kind, "delivered")
 
@@ -235,12 +263,12 @@ class SmarthostTests(TestCase):
         refusing = start_sink(self, "-f", "RCPT")
         sink = start_sink(self)
         t = self.target(refusing.host, sink.host)
-        result = await t.deliver(_envelope("a@x.test"), ["a@x.test"], self.data)
+        result = await t.deliver(_envelope("a@x.test"), ["a@x.test"], _opener(self.data))
         self.assertEqual(result["a@x.test"].kind, "bounce")
         self.assertEqual(result["a@x.test"].remote_host, str(refusing.host))
 
     async def test_all_hosts_down(self) -> None:
         """With every host unreachable, all recipients are retried."""
         t = self.target(HostPort("127.0.0.1", free_port()), HostPort("127.0.0.1", free_port()))
-        result = await t.deliver(_envelope("a@x.test", "b@x.test"), ["a@x.test", "b@x.test"], self.data)
+        result = await t.deliver(_envelope("a@x.test", "b@x.test"), ["a@x.test", "b@x.test"], _opener(self.data))
         self.assertEqual({o.kind for o in result.values()}, {"retry"})

@@ -17,10 +17,11 @@ entry in the spool and schedules it again: a message is never lost here.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import re
-from typing import Iterable, Mapping, cast
+from typing import Callable, Iterable, Mapping, cast
 
 from attrs import evolve
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
@@ -68,7 +69,7 @@ class Scheduler:
         stop_timeout: float = 30.0,
     ) -> None:
         """
-        @param spool: the durable queue (load, data_path, update, remove).
+        @param spool: the durable queue (load, open_data, update, remove).
         @param router: recipient -> route name.
         @param targets: route name -> its delivery target.
         @param concurrency: route name -> deliveries at once (1 if absent).
@@ -250,11 +251,11 @@ class Scheduler:
                 self._note(envelope, rcpt.address, "", outcomes[rcpt.address])
                 continue
             groups.setdefault(route, []).append(rcpt.address)
-        data_path = self._spool.data_path(envelope.id)
+        open_data = functools.partial(self._spool.open_data, envelope.id)
         routes = list(groups)
         results = await DeferredList(
             [
-                Deferred.fromCoroutine(self._deliver_route(envelope, r, groups[r], data_path))
+                Deferred.fromCoroutine(self._deliver_route(envelope, r, groups[r], open_data))
                 for r in routes
             ],
             consumeErrors=True,
@@ -269,7 +270,11 @@ class Scheduler:
         self._finish_envelope(envelope)
 
     async def _deliver_route(
-        self, envelope: Envelope, route: str, addresses: list[str], data_path: object
+        self,
+        envelope: Envelope,
+        route: str,
+        addresses: list[str],
+        open_data: Callable[[], object],
     ) -> dict[str, Outcome]:
         target = self._targets.get(route)
         if target is None:
@@ -280,7 +285,7 @@ class Scheduler:
         slots = self._slots[route]
         try:
             result = await slots.run(
-                lambda: cast("Deferred[object]", target.deliver(envelope, addresses, data_path))
+                lambda: cast("Deferred[object]", target.deliver(envelope, addresses, open_data))
             )
         except Exception:
             self._log.failure(

@@ -23,7 +23,6 @@ seam is L{_RelayClient.__init__}'s C{secret} and C{registerAuthenticator}.
 from __future__ import annotations
 
 import ipaddress
-from pathlib import Path
 from typing import BinaryIO, Callable, Literal, Sequence
 
 from attrs import frozen
@@ -47,6 +46,8 @@ from relaygw.spool.envelope import Envelope, Outcome
 __all__ = [
     "ClientTLS",
     "ClientTimeouts",
+    "DATA_ERRORS",
+    "DataOpener",
     "OutboundMessage",
     "TransactionResult",
     "TLSOptionsFactory",
@@ -61,6 +62,12 @@ ClientTLS = Literal["off", "opportunistic", "required"]
 
 TLSOptionsFactory = Callable[[str], object]
 """Host name -> the client context factory given to C{transport.startTLS}."""
+
+DataOpener = Callable[[], BinaryIO]
+"""Opens the spooled message data anew (see L{relaygw.interfaces.IDeliveryTarget.deliver})."""
+
+DATA_ERRORS = (OSError, KeyError, ValueError)
+"""What a L{DataOpener} raises when the data cannot be had (L{relaygw.interfaces.ISpool.open_data})."""
 
 _Stage = Literal["connect", "greeting", "ehlo", "tls", "mail", "rcpt", "data", "done"]
 _BEFORE_TRANSACTION = frozenset({"connect", "greeting", "ehlo", "tls", "mail"})
@@ -106,24 +113,27 @@ class OutboundMessage:
 
     @ivar sender: the reverse path without brackets; C{""} for the null sender.
     @ivar recipients: the forward paths, in RCPT order.
-    @ivar data_path: the spool's message data (CRLF lines, not dot-stuffed).
+    @ivar open_data: opens the spool's message data (CRLF lines, not
+        dot-stuffed), once per transaction.
     @ivar eight_bit: send C{BODY=8BITMIME} when the host offers it.
     @ivar smtputf8: the message needs SMTPUTF8 (RFC 6531).
     """
 
     sender: str
     recipients: tuple[str, ...]
-    data_path: Path
+    open_data: DataOpener
     eight_bit: bool = False
     smtputf8: bool = False
 
     @classmethod
-    def of(cls, envelope: Envelope, recipients: Sequence[str], data_path: Path) -> OutboundMessage:
+    def of(
+        cls, envelope: Envelope, recipients: Sequence[str], open_data: DataOpener
+    ) -> OutboundMessage:
         """The message of C{envelope} for C{recipients}."""
         return cls(
             sender=envelope.sender,
             recipients=tuple(recipients),
-            data_path=data_path,
+            open_data=open_data,
             eight_bit=envelope.body != "7BIT",
             smtputf8=envelope.smtputf8,
         )
@@ -493,11 +503,9 @@ async def _deliver_to_host(
 ) -> TransactionResult:
     name = str(host)
     try:
-        data = open(message.data_path, "rb")
-    except OSError as e:
-        _log.error(
-            "Cannot open message data {path}: {error}", path=str(message.data_path), error=str(e)
-        )
+        data = message.open_data()
+    except DATA_ERRORS as e:
+        _log.error("Cannot open the message data: {error}", error=repr(e))
         failed = _o.local_outcome(_o.LOCAL_ERROR)
         return TransactionResult(name, {r: failed for r in message.recipients}, False)
     client, result = make_client(

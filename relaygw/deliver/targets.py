@@ -12,7 +12,7 @@ import os
 import secrets
 import socket
 from pathlib import Path
-from typing import IO, Sequence
+from typing import IO, Sequence, cast
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime, IResolver
@@ -23,7 +23,9 @@ from relaygw._types import IServeReactor
 from relaygw.config._model import Route
 from relaygw.deliver import outcome as _o
 from relaygw.deliver.smtpclient import (
+    DATA_ERRORS,
     ClientTimeouts,
+    DataOpener,
     OutboundMessage,
     TLSOptionsFactory,
     TransactionResult,
@@ -76,16 +78,16 @@ def mailbox_name(address: str) -> str | None:
 
 
 def _narrow(
-    envelope: object, recipients: object, data_path: object
-) -> tuple[Envelope, tuple[str, ...], Path]:
+    envelope: object, recipients: object, open_data: object
+) -> tuple[Envelope, tuple[str, ...], DataOpener]:
     """The arguments of L{IDeliveryTarget.deliver} with their contract's types."""
-    if not isinstance(envelope, Envelope) or not isinstance(data_path, Path):
-        raise TypeError("deliver(Envelope, recipients, Path) expected")
+    if not isinstance(envelope, Envelope) or not callable(open_data):
+        raise TypeError("deliver(Envelope, recipients, open_data) expected")
     if not isinstance(recipients, (list, tuple)) or not all(
         isinstance(r, str) for r in recipients
     ):
         raise TypeError("recipients must be a sequence of str")
-    return envelope, tuple(recipients), data_path
+    return envelope, tuple(recipients), cast(DataOpener, open_data)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -134,10 +136,10 @@ class MaildirTarget:
         self._count = 0
 
     def deliver(
-        self, envelope: object, recipients: object, data_path: object
+        self, envelope: object, recipients: object, open_data: object
     ) -> Deferred[dict[str, Outcome]]:
         """See L{IDeliveryTarget.deliver}."""
-        envelope, recipients, data_path = _narrow(envelope, recipients, data_path)
+        envelope, recipients, open_data = _narrow(envelope, recipients, open_data)
         outcomes: dict[str, Outcome] = {}
         done: dict[str, Outcome] = {}
         for rcpt in recipients:
@@ -151,7 +153,7 @@ class MaildirTarget:
                 outcomes[rcpt] = _o.local_outcome(_o.BAD_MAILBOX)
                 continue
             if name not in done:
-                done[name] = self._write(envelope.id, name, data_path)
+                done[name] = self._write(envelope.id, name, open_data)
             outcomes[rcpt] = done[name]
         return succeed(outcomes)
 
@@ -163,7 +165,7 @@ class MaildirTarget:
             f"Q{self._count}R{secrets.token_hex(8)}.{self._host}"
         )
 
-    def _write(self, queue_id: str, name: str, data_path: Path) -> Outcome:
+    def _write(self, queue_id: str, name: str, open_data: DataOpener) -> Outcome:
         box = self._root / name
         tmp: Path | None = None
         try:
@@ -171,7 +173,7 @@ class MaildirTarget:
                 _ensure_dir(box / sub)
             unique = self._unique()
             tmp = box / "tmp" / unique
-            with open(data_path, "rb") as src:
+            with open_data() as src:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
                 with os.fdopen(fd, "wb") as dst:
                     _copy_lf(src, dst)
@@ -180,7 +182,7 @@ class MaildirTarget:
             os.rename(tmp, box / "new" / unique)
             tmp = None
             _fsync_dir(box / "new")
-        except OSError:
+        except DATA_ERRORS:
             self._log.failure(
                 "Maildir delivery to {mailbox} failed", queue_id=queue_id, mailbox=name
             )
@@ -250,16 +252,16 @@ class SmarthostTarget:
             )
 
     def deliver(
-        self, envelope: object, recipients: object, data_path: object
+        self, envelope: object, recipients: object, open_data: object
     ) -> Deferred[dict[str, Outcome]]:
         """See L{IDeliveryTarget.deliver}."""
-        envelope, recipients, data_path = _narrow(envelope, recipients, data_path)
-        return Deferred.fromCoroutine(self._deliver(envelope, recipients, data_path))
+        envelope, recipients, open_data = _narrow(envelope, recipients, open_data)
+        return Deferred.fromCoroutine(self._deliver(envelope, recipients, open_data))
 
     async def _deliver(
-        self, envelope: Envelope, recipients: Sequence[str], data_path: Path
+        self, envelope: Envelope, recipients: Sequence[str], open_data: DataOpener
     ) -> dict[str, Outcome]:
-        message = OutboundMessage.of(envelope, recipients, data_path)
+        message = OutboundMessage.of(envelope, recipients, open_data)
         last: TransactionResult | None = None
         for host in self._route.smarthosts:
             last = await deliver_to_host(
@@ -309,10 +311,10 @@ class MXTarget:
         self._helo = helo
 
     def deliver(
-        self, envelope: object, recipients: object, data_path: object
+        self, envelope: object, recipients: object, open_data: object
     ) -> Deferred[dict[str, Outcome]]:
         """See L{IDeliveryTarget.deliver}."""
-        envelope, recipients, data_path = _narrow(envelope, recipients, data_path)
+        envelope, recipients, open_data = _narrow(envelope, recipients, open_data)
         later = _o.local_outcome(_o.MX_NOT_IMPLEMENTED)
         return succeed({r: later for r in recipients})
 

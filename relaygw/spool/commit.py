@@ -1,21 +1,26 @@
 """
 Group commit for the directory spool (SPEC section 4; DESIGN habit 13).
 
-A commit is a handful of blocking file system calls (create, write, two
-fsyncs, rename, a directory fsync): about 3 ms of waiting on this kind of
-disk, which must not happen on the reactor thread.  One L{CommitThread} per
-spool takes every commit pending when it becomes free and makes the whole
-batch durable together (L{commit_batch}): files of all entries first, then
-their fsyncs, then their renames, then one directory fsync.  On ext4 the
-first fsync's journal commit carries most of the others, so a batch of ten
-costs little more than a batch of one.
+A commit is a handful of blocking file system calls (maybe a create, the
+writes, an fsync, a rename, a directory fsync): milliseconds of waiting on
+this kind of disk, which must not happen on the reactor thread.  One
+L{CommitThread} per spool takes every commit pending when it becomes free
+and makes the whole batch durable together (L{commit_batch}): files of all
+entries first, then their fsyncs, then their renames, then one directory
+fsync.  On ext4 the first fsync's journal commit carries most of the others,
+so a batch of ten costs little more than a batch of one.
+
+An entry is written as C{<id>.tmp} (data, envelope, trailer: see
+L{relaygw.spool.entry}) and renamed to C{<id>.msg} once fsynced: that
+rename is the commit marker.
 
 L{commit_batch} is plain blocking code, also used synchronously by
-L{relaygw.spool.store.SpoolWriter.commit_now}.
+L{relaygw.spool.writer.SpoolWriter.commit_now}.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -23,11 +28,16 @@ from collections.abc import Callable, Sequence
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads
 
-__all__ = ["CommitThread", "PendingCommit", "commit_batch"]
+from relaygw.spool.entry import trailer
+
+__all__ = ["CommitThread", "PendingCommit", "commit_batch", "write_all"]
 
 _FILE_MODE = 0o600
 _OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-_OPEN_TEMP = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+ENTRY = ".msg"
+"""The suffix of a committed entry file."""
+TEMPORARY = ".tmp"
+"""The suffix of an entry file being written."""
 
 
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
@@ -53,23 +63,13 @@ def _unlink_quietly(path: str) -> None:
 
 class PendingCommit:
     """
-    One entry on its way to durability: its data (an open data file and/or
-    buffered octets) and its serialised envelope.
+    One entry on its way to durability: its file (open, or still to be
+    created), buffered data still to be written, and its serialised envelope.
 
     @ivar queue_id: the entry's id.
     """
 
-    __slots__ = (
-        "queue_id",
-        "_data_path",
-        "_env_path",
-        "_data_fd",
-        "_created",
-        "_buffer",
-        "_envelope",
-        "_env_fd",
-        "_published",
-    )
+    __slots__ = ("queue_id", "_temp_path", "_path", "_fd", "_created", "_rest", "_published")
 
     def __init__(
         self,
@@ -80,67 +80,71 @@ class PendingCommit:
         envelope: bytes,
     ) -> None:
         """
-        @param prefix: the queue directory and a separator; the files are
-            C{prefix + queue_id + ".msg"} and C{".env"}.
-        @param data_fd: the open data file, or -1 when it is still to be
-            created (then C{buffer} is the whole message).
-        @param buffer: data still to be written to the data file.
+        @param prefix: the queue directory and a separator; the file is
+            C{prefix + queue_id + ".tmp"}, renamed to C{".msg"} at publish.
+        @param data_fd: the open temporary file holding the data written so
+            far, or -1 when it is still to be created (then C{buffer} is the
+            whole message).
+        @param buffer: data still to be written.
         @param envelope: the envelope's JSON.
         """
         self.queue_id = queue_id
-        self._data_path = prefix + queue_id + ".msg"
-        self._env_path = prefix + queue_id + ".env"
-        self._data_fd = data_fd
+        self._temp_path = prefix + queue_id + TEMPORARY
+        self._path = prefix + queue_id + ENTRY
+        self._fd = data_fd
         self._created = data_fd >= 0
-        self._buffer = buffer
-        self._envelope = envelope
-        self._env_fd = -1
+        # One write for a small message: data, envelope and trailer together.
+        self._rest = b"".join((buffer, envelope, trailer(len(envelope))))
         self._published = False
 
     def write_files(self) -> None:
-        """Create the data file if needed, write the rest of the data and the envelope temp file."""
-        if self._data_fd < 0:
-            self._data_fd = os.open(self._data_path, _OPEN_NEW, _FILE_MODE)
+        """Create the temporary file if needed; write the rest of the data, the envelope and the trailer."""
+        if self._fd < 0:
+            self._fd = os.open(self._temp_path, _OPEN_NEW, _FILE_MODE)
             self._created = True
-        if self._buffer:
-            write_all(self._data_fd, self._buffer)
-        self._buffer = b""
-        self._env_fd = os.open(self._env_path + ".tmp", _OPEN_TEMP, _FILE_MODE)
-        write_all(self._env_fd, self._envelope)
+        write_all(self._fd, self._rest)
+        self._rest = b""
 
     def sync(self) -> None:
-        """fsync the data file and the envelope temp file, then close both."""
+        """fsync the file, then close it."""
         try:
-            os.fsync(self._data_fd)
-            os.fsync(self._env_fd)
+            os.fsync(self._fd)
         finally:
             self._close()
 
     def publish(self) -> None:
-        """Rename the envelope temp file into place: the commit marker."""
-        os.replace(self._env_path + ".tmp", self._env_path)
+        """
+        Rename the file to its entry name: the commit marker.
+
+        @raise FileExistsError: an entry of that name exists (an id clash);
+            it is left alone.
+        """
+        try:
+            os.stat(self._path)
+        except FileNotFoundError:
+            pass
+        else:
+            raise FileExistsError(errno.EEXIST, "spool entry exists", self._path)
+        os.replace(self._temp_path, self._path)
         self._published = True
 
     def discard(self) -> None:
         """
-        Close and remove what this commit wrote, envelope first so that a
-        crash never leaves data behind a marker.  A data file this commit
-        did not create (another entry's, after an id clash) is left alone.
-        Never raises.
+        Close and remove what this commit wrote.  A file this commit did not
+        create (another entry's, after an id clash) is left alone.  Never
+        raises.
         """
         self._close()
-        self._buffer = b""
+        self._rest = b""
         if self._published:
-            _unlink_quietly(self._env_path)
-        _unlink_quietly(self._env_path + ".tmp")
-        if self._created:
-            _unlink_quietly(self._data_path)
+            _unlink_quietly(self._path)
+        elif self._created:
+            _unlink_quietly(self._temp_path)
 
     def _close(self) -> None:
-        for fd in (self._data_fd, self._env_fd):
-            if fd >= 0:
-                _close_quietly(fd)
-        self._data_fd = self._env_fd = -1
+        if self._fd >= 0:
+            _close_quietly(self._fd)
+        self._fd = -1
 
 
 def commit_batch(batch: Sequence[PendingCommit], directory_fd: int) -> list[OSError | None]:
@@ -150,8 +154,8 @@ def commit_batch(batch: Sequence[PendingCommit], directory_fd: int) -> list[OSEr
 
     @param directory_fd: an open descriptor of the queue directory.
     @return: per entry, C{None} when it is durable, else the L{OSError}
-        that stopped it (its files are removed).  A failed directory fsync
-        fails every entry still live (their envelopes are removed first).
+        that stopped it (its file is removed).  A failed directory fsync
+        fails every entry still live (their files are removed).
     """
     errors: list[OSError | None] = [None] * len(batch)
     for step in (PendingCommit.write_files, PendingCommit.sync, PendingCommit.publish):

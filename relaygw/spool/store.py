@@ -3,19 +3,20 @@ The durable directory spool (SPEC section 4; DESIGN habit 13: 250 means fsynced)
 
 Layout under the spool root (directories mode 0700, files 0600)::
 
-    queue/<id>.msg       message data
-    queue/<id>.env       the envelope (versioned JSON); written last, so it is the commit marker
-    queue/<id>.env.tmp   an envelope being written
-    corrupt/             envelopes recovery could not use, with their data, for an operator
+    queue/<id>.msg       a committed entry: message data, envelope (versioned
+                         JSON), trailer (L{relaygw.spool.entry})
+    queue/<id>.tmp       an entry being written; renamed to <id>.msg once
+                         fsynced, so that rename is the commit marker
+    queue/<id>.upd       the envelope as the delivery side last updated it;
+                         it supersedes the one inside <id>.msg
+    queue/<id>.upd.tmp   an update being written
+    corrupt/             entries recovery could not use, for an operator
 
-Both names of an entry live in one directory, so one directory fsync makes a
-commit durable.
-
-A writer keeps up to L{WRITE_BUFFER} octets in memory and creates its data
-file only when a message outgrows that, so a small message costs the reactor
-thread no file system call at all.  Commits are made durable in batches by
-the spool's commit thread (L{relaygw.spool.commit}); the commit's Deferred
-fires, and subscribers are told, on the reactor thread afterwards.
+All names of an entry live in one directory, so one directory fsync makes a
+commit durable.  Writers (L{relaygw.spool.writer}) buffer small messages in
+memory; commits are made durable in batches by the spool's commit thread
+(L{relaygw.spool.commit}); the commit's Deferred fires, and subscribers are
+told, on the reactor thread afterwards.
 """
 
 from __future__ import annotations
@@ -23,33 +24,28 @@ from __future__ import annotations
 import errno
 import os
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from relaygw._types import ISpoolReactor
 from relaygw.interfaces import IMessageWriter, ISpool
-from relaygw.spool.commit import CommitThread, PendingCommit, commit_batch, write_all
+from relaygw.spool.commit import ENTRY, TEMPORARY, CommitThread, PendingCommit, write_all
+from relaygw.spool.entry import open_data, read_envelope
 from relaygw.spool.envelope import Envelope
 from relaygw.spool.ids import is_queue_id, new_queue_id
+from relaygw.spool.writer import WRITE_BUFFER, SpoolWriter
 
 __all__ = ["DirectorySpool", "SpoolWriter", "WRITE_BUFFER"]
 
-WRITE_BUFFER = 64 * 1024
-"""Octets a writer holds in memory before it creates its data file and writes through."""
-
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
-_OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
-_MSG = ".msg"
-_ENV = ".env"
-_TMP = ".tmp"
-
-_OPEN, _COMMITTING, _CLOSED = "open", "committing", "closed"
+_UPDATE = ".upd"
+_OLD_ENVELOPE = ".env"
 
 
 def _fsync_dir(path: str | Path) -> None:
@@ -77,118 +73,6 @@ def _make_dir(path: Path) -> bool:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.mkdir(mode=_DIR_MODE)
     return True
-
-
-@implementer(IMessageWriter)
-class SpoolWriter:
-    """
-    One message being written: a bounded buffer, and a data file once the
-    message outgrows it.
-
-    @ivar queue_id: the reserved queue id.
-    @ivar size: octets written so far.
-    """
-
-    def __init__(self, spool: DirectorySpool, queue_id: str) -> None:
-        self.queue_id = queue_id
-        self.size = 0
-        self._spool = spool
-        self._fd = -1
-        self._buffer = bytearray()
-        self._state = _OPEN
-
-    def write(self, data: bytes) -> None:
-        """
-        Append C{data}; at most L{WRITE_BUFFER} octets are held in memory.
-
-        @raise OSError: the data file cannot be created or take it.
-        @raise ValueError: the writer was already committed or aborted.
-        """
-        if self._state is not _OPEN:
-            raise ValueError(f"spool entry {self.queue_id} is closed")
-        n = len(data)
-        if len(self._buffer) + n <= WRITE_BUFFER:
-            self._buffer += data
-            self.size += n
-            return
-        if self._fd < 0:
-            self._fd = os.open(self._spool._file(self.queue_id, _MSG), _OPEN_NEW, _FILE_MODE)
-        if self._buffer:
-            write_all(self._fd, self._buffer)
-            self._buffer = bytearray()
-        if n >= WRITE_BUFFER:
-            write_all(self._fd, data)
-        else:
-            self._buffer += data
-        self.size += n
-
-    def commit(self, envelope: object) -> Deferred[None]:
-        """
-        Hand the entry to the commit thread.
-
-        @param envelope: the L{Envelope}; its C{id} must be L{queue_id}.
-        @return: fires with C{None} once the entry is durable and the
-            subscribers were told; fails with the L{OSError} otherwise
-            (nothing committed, the entry's files removed).
-        @raise ValueError: a closed writer, or an envelope for another id.
-        """
-        entry, checked = self._hand_over(envelope)
-        waiting: Deferred[None] = Deferred()
-        self._spool._waiting[entry] = (waiting, checked)
-        try:
-            self._spool._commits.submit(entry)
-        except RuntimeError as e:
-            del self._spool._waiting[entry]
-            entry.discard()
-            self._state = _CLOSED
-            return fail(OSError(errno.ESHUTDOWN, str(e)))
-        return waiting
-
-    def commit_now(self, envelope: object) -> None:
-        """
-        L{commit} on the calling thread, blocking until the entry is durable
-        (for tools and tests; the receive path uses L{commit}).
-
-        @raise OSError: nothing was committed; the entry's files are removed.
-        @raise ValueError: as for L{commit}.
-        """
-        entry, checked = self._hand_over(envelope)
-        [error] = commit_batch([entry], self._spool._directory_fd())
-        self._state = _CLOSED
-        if error is not None:
-            raise error
-        self._spool._committed(checked)
-
-    def abort(self) -> None:
-        """
-        Close and remove the data file.  Idempotent; never raises.  Does
-        nothing once L{commit} was called: that entry is committed or
-        removed by the commit itself.
-        """
-        if self._state is not _OPEN:
-            return
-        self._state = _CLOSED
-        self._buffer = bytearray()
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-            _unlink_quietly(self._spool._file(self.queue_id, _MSG))
-
-    def _hand_over(self, envelope: object) -> tuple[PendingCommit, Envelope]:
-        if self._state is not _OPEN:
-            raise ValueError(f"spool entry {self.queue_id} is closed")
-        if not isinstance(envelope, Envelope) or envelope.id != self.queue_id:
-            raise ValueError(f"commit of spool entry {self.queue_id} needs its own Envelope")
-        self._state = _COMMITTING
-        entry = PendingCommit(
-            self.queue_id, self._spool._prefix, self._fd, self._buffer, envelope.to_json()
-        )
-        self._fd = -1
-        self._buffer = bytearray()
-        return entry, envelope
 
 
 @implementer(ISpool)
@@ -225,6 +109,9 @@ class DirectorySpool:
         self._dir_fd = os.open(self._queue_dir, _OPEN_DIR)
         self._commits = CommitThread(reactor, self._directory_fd, self._deliver)
         self._waiting: dict[PendingCommit, tuple[Deferred[None], Envelope]] = {}
+        # queue id -> whether it has an update file, for entries this spool
+        # loaded or updated: only the one delivering process writes updates.
+        self._updated: dict[str, bool] = {}
 
     def close(self) -> Deferred[None]:
         """
@@ -275,27 +162,43 @@ class DirectorySpool:
 
     def load(self, queue_id: str) -> Envelope:
         """
-        @return: the envelope of a committed entry.
+        @return: the envelope of a committed entry: its last L{update}, else
+            the one it was committed with.
         @raise KeyError: no such entry.
-        @raise ValueError: its envelope cannot be parsed.
+        @raise ValueError: its envelope cannot be parsed, or its file is not
+            a complete entry.
+        """
+        entry = self._file(queue_id, ENTRY)
+        update = self._read_update(queue_id)
+        self._updated[queue_id] = update is not None
+        try:
+            if update is None:
+                return Envelope.from_json(read_envelope(entry))
+            os.stat(entry)
+        except FileNotFoundError:
+            self._updated.pop(queue_id, None)
+            raise KeyError(queue_id) from None
+        return Envelope.from_json(update)
+
+    def open_data(self, queue_id: str) -> BinaryIO:
+        """
+        @return: a new seekable binary file reading exactly the message data
+            of a committed entry (it ends where the data ends); the caller
+            closes it.
+        @raise KeyError: no such entry.
+        @raise ValueError: its file is not a complete entry.
+        @raise OSError: it cannot be read.
         """
         try:
-            with open(self._file(queue_id, _ENV), "rb") as f:
-                return Envelope.from_json(f.read())
+            return open_data(self._file(queue_id, ENTRY))
         except FileNotFoundError:
             raise KeyError(queue_id) from None
 
-    def data_path(self, queue_id: str) -> Path:
-        """
-        @return: the path of the entry's message data (read-only use).
-        @raise KeyError: C{queue_id} is not a queue id.
-        """
-        return Path(self._file(queue_id, _MSG))
-
     def update(self, envelope: object) -> None:
         """
-        Atomically replace an entry's envelope (temp file, fsync, rename, fsync
-        of the directory).
+        Atomically replace an entry's envelope: write C{<id>.upd} (temp
+        file, fsync, rename, fsync of the directory), which supersedes the
+        envelope inside the entry file.
 
         @raise KeyError: no such entry.
         @raise OSError: the envelope could not be written, or its rename may not
@@ -304,27 +207,51 @@ class DirectorySpool:
         """
         if not isinstance(envelope, Envelope):
             raise TypeError("spool update needs an Envelope")
-        if not os.path.exists(self._file(envelope.id, _ENV)):
+        if not os.path.exists(self._file(envelope.id, ENTRY)):
             raise KeyError(envelope.id)
-        self._write_envelope(envelope)
+        self._updated[envelope.id] = True
+        final = self._file(envelope.id, _UPDATE)
+        temp = final + TEMPORARY
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, _FILE_MODE)
+            try:
+                write_all(fd, envelope.to_json())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, final)
+        except OSError:
+            _unlink_quietly(temp)
+            raise
+        os.fsync(self._directory_fd())
 
     def remove(self, queue_id: str) -> None:
         """
-        Delete an entry, envelope first, then data.  Idempotent.  Not fsynced:
-        an entry that a crash brings back is delivered again (at least once).
+        Delete an entry: its file, then its update if it may have one (one
+        this spool loaded or wrote, or any it knows nothing about).
+        Idempotent.  Not fsynced: an entry that a crash brings back is
+        delivered again (at least once); an update left without its entry is
+        removed by L{recover}.
         """
-        for suffix in (_ENV, _ENV + _TMP, _MSG):
+        entry = self._file(queue_id, ENTRY)
+        updated = self._updated.pop(queue_id, None)
+        try:
+            os.unlink(entry)
+        except FileNotFoundError:
+            pass
+        if updated is not False:
             try:
-                os.unlink(self._file(queue_id, suffix))
+                os.unlink(self._file(queue_id, _UPDATE))
             except FileNotFoundError:
                 pass
 
     # ISpool says list[object]; list is invariant, and callers want Envelopes.
     def recover(self) -> list[Envelope]:  # type: ignore[override]
         """
-        Clean up after a crash: delete temporary files and data without an
-        envelope (partial entries); move envelopes without data, or that cannot
-        be read, with any data, into C{corrupt/}.
+        Clean up after a crash: delete temporary files (entries and updates
+        being written) and updates whose entry is gone; move entries that
+        cannot be read, with their updates, and envelope files of the older
+        two-file layout into C{corrupt/}.
 
         @return: the envelopes of the committed entries, oldest first
             (C{received_at}, then id).
@@ -334,26 +261,34 @@ class DirectorySpool:
         changed = False
         for name in sorted(names):
             path = self._queue / name
-            if name.endswith(_TMP):
+            queue_id = name.partition(".")[0]
+            if name == queue_id + TEMPORARY:
+                self._log.warn(
+                    "Spool: removing partial entry {queue_id} (its commit never finished)",
+                    queue_id=queue_id,
+                )
+                _unlink_quietly(path)
+                changed = True
+            elif name.endswith(TEMPORARY):
                 self._log.info("Spool: removing temporary file {name}", name=name)
                 _unlink_quietly(path)
                 changed = True
-            elif name.endswith(_MSG):
-                if name[: -len(_MSG)] + _ENV not in names:
-                    self._log.warn(
-                        "Spool: removing partial entry {queue_id} (no envelope)",
-                        queue_id=name[: -len(_MSG)],
-                    )
+            elif name.endswith(ENTRY):
+                found = self._check(queue_id, names)
+                if isinstance(found, Envelope):
+                    envelopes.append(found)
+                else:
+                    self._quarantine(queue_id, found, (ENTRY, _UPDATE))
+                    changed = True
+            elif name.endswith(_UPDATE):
+                if queue_id + ENTRY not in names:
+                    self._log.info("Spool: removing update {name} of a removed entry", name=name)
                     _unlink_quietly(path)
                     changed = True
-            elif name.endswith(_ENV):
-                queue_id = name[: -len(_ENV)]
-                problem = self._check(queue_id, path, names)
-                if isinstance(problem, Envelope):
-                    envelopes.append(problem)
-                else:
-                    self._quarantine(queue_id, problem)
-                    changed = True
+            elif name.endswith(_OLD_ENVELOPE):
+                problem = "an envelope file of the older two-file spool layout"
+                self._quarantine(queue_id, problem, (_OLD_ENVELOPE,))
+                changed = True
             else:
                 self._log.warn("Spool: ignoring unknown file {name}", name=name)
         if changed:
@@ -371,9 +306,9 @@ class DirectorySpool:
         names = {entry.name for entry in os.scandir(self._queue)}
         envelopes: list[Envelope] = []
         for name in names:
-            if name.endswith(_ENV):
-                queue_id = name[: -len(_ENV)]
-                found = self._check(queue_id, self._queue / name, names)
+            if name.endswith(ENTRY):
+                queue_id = name[: -len(ENTRY)]
+                found = self._check(queue_id, names)
                 if isinstance(found, Envelope):
                     envelopes.append(found)
                 else:
@@ -385,20 +320,30 @@ class DirectorySpool:
         envelopes.sort(key=lambda e: (e.received_at, e.id))
         return envelopes
 
-    def _check(self, queue_id: str, path: Path, names: set[str]) -> Envelope | str:
+    def _read_update(self, queue_id: str) -> bytes | None:
+        """The entry's update file's content; C{None} when it has none."""
+        try:
+            with open(self._file(queue_id, _UPDATE), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def _check(self, queue_id: str, names: set[str]) -> Envelope | str:
         if not is_queue_id(queue_id):
             return "the file name is not a queue id"
-        if queue_id + _MSG not in names:
-            return "its data file is missing"
         try:
-            envelope = Envelope.from_json(path.read_bytes())
+            raw = read_envelope(self._file(queue_id, ENTRY))
+            update = self._read_update(queue_id) if queue_id + _UPDATE in names else None
+            envelope = Envelope.from_json(raw if update is None else update)
+        except FileNotFoundError:
+            return "its file is gone"
         except (OSError, ValueError, UnicodeDecodeError) as e:
             return f"its envelope cannot be read: {e}"
         if envelope.id != queue_id:
             return f"its envelope names another id {envelope.id!r}"
         return envelope
 
-    def _quarantine(self, queue_id: str, problem: str) -> None:
+    def _quarantine(self, queue_id: str, problem: str, suffixes: tuple[str, ...]) -> None:
         self._log.error(
             "Spool: entry {queue_id} is unusable ({problem}); moving it to {corrupt_dir}",
             queue_id=queue_id,
@@ -406,7 +351,7 @@ class DirectorySpool:
             corrupt_dir=str(self._corrupt),
         )
         _make_dir(self._corrupt)
-        for suffix in (_ENV, _MSG):
+        for suffix in suffixes:
             try:
                 os.replace(self._queue / (queue_id + suffix), self._corrupt / (queue_id + suffix))
             except FileNotFoundError:
@@ -417,22 +362,6 @@ class DirectorySpool:
         if not is_queue_id(queue_id):
             raise KeyError(queue_id)
         return self._prefix + queue_id + suffix
-
-    def _write_envelope(self, envelope: Envelope) -> None:
-        final = self._file(envelope.id, _ENV)
-        temp = final + _TMP
-        try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, _FILE_MODE)
-            try:
-                write_all(fd, envelope.to_json())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(temp, final)
-        except OSError:
-            _unlink_quietly(temp)
-            raise
-        os.fsync(self._directory_fd())
 
     def _directory_fd(self) -> int:
         if self._dir_fd < 0:  # closed: reopen for the synchronous methods

@@ -166,8 +166,8 @@ def maildir_messages(root: Path, local: str | None = None) -> list[Path]:
 
 
 def spool_entries(spool: Path) -> list[Path]:
-    """Queue entries left in the spool (C{.msg} and C{.env} files)."""
-    return [p for p in spool.rglob("*") if p.is_file() and p.suffix in (".msg", ".env")]
+    """Queue entries left in the spool (C{.msg} entry files and C{.upd} updates)."""
+    return [p for p in spool.rglob("*") if p.is_file() and p.suffix in (".msg", ".upd")]
 
 
 def smtp(

@@ -427,14 +427,29 @@ def _received(message: Path) -> str:
 
 
 def _envelope(gw: Gateway, queue_id: str) -> dict[str, Any]:
-    """The spooled envelope (JSON) of C{queue_id}, read once it is complete."""
-    path = gw.dir / "var" / "spool" / "queue" / f"{queue_id}.env"
+    """
+    The spooled envelope (JSON) of C{queue_id}, read once it is committed:
+    its update C{<id>.upd} when there is one, else the envelope inside the
+    entry file C{<id>.msg} (data, envelope, then a 20-octet trailer holding
+    the envelope's length).
+    """
+    queue = gw.dir / "var" / "spool" / "queue"
+    path = queue / f"{queue_id}.msg"
     doc: dict[str, Any] = {}
 
     def readable() -> bool:
         nonlocal doc
         try:
-            doc = json.loads(path.read_text())
+            try:
+                doc = json.loads((queue / f"{queue_id}.upd").read_bytes())
+                return True
+            except FileNotFoundError:
+                pass
+            raw = path.read_bytes()
+            trailer = raw[-20:]
+            assert trailer.startswith(b"\n") and trailer.endswith(b" RGWENV1\n"), trailer
+            length = int(trailer[1:11])
+            doc = json.loads(raw[-20 - length : -20])
         except (FileNotFoundError, ValueError):  # not yet there, or being replaced
             return False
         return True
