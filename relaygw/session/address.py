@@ -160,22 +160,15 @@ def _path_end(text: str) -> int:
     fails mailbox syntax.
     """
     bracketed = text.startswith("<")
-    quoted = False
-    i = 1 if bracketed else 0
-    while i < len(text):
-        c = text[i]
-        if quoted:
-            if c == "\\":
-                i += 1
-            elif c == '"':
-                quoted = False
-        elif c == '"':
-            quoted = True
-        elif bracketed and c == ">":
-            return i + 1
-        elif not bracketed and c in " \t":
-            return i
-        i += 1
+    start = 1 if bracketed else 0
+    try:
+        for i, c in unquoted(text[start:]):
+            if bracketed and c == ">":
+                return start + i + 1
+            if not bracketed and c in " \t":
+                return start + i
+    except UnbalancedQuote:
+        pass
     return len(text)
 
 
