@@ -159,6 +159,19 @@ def gateway_toml(
     )
 
 
+#: example.test delivered to the Maildir var/mail (the routes most tests need).
+LOCAL_MAILDIR = """
+[[accepted_domains]]
+domain = "example.test"
+route = "local"
+
+[[routes]]
+name = "local"
+via = "maildir"
+maildir = "var/mail"
+"""
+
+
 def maildir_messages(root: Path, local: str | None = None) -> list[Path]:
     """Delivered files in C{root/<local>/new/} (every local part when C{None})."""
     pattern = f"{local}/new/*" if local is not None else "*/new/*"

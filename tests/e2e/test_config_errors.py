@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Launch, gateway_toml
+from tests.e2e.conftest import LOCAL_MAILDIR, Launch, gateway_toml
 from tests.servers.ports import accepts, free_ports
 from tests.servers.relaygw import BIN
 
@@ -21,16 +21,7 @@ pytestmark = pytest.mark.e2e
 
 
 def _good(port: int, admin: int) -> str:
-    return gateway_toml(admin) + f"""
-[[accepted_domains]]
-domain = "example.test"
-route = "local"
-
-[[routes]]
-name = "local"
-via = "maildir"
-maildir = "var/mail"
-
+    return gateway_toml(admin) + LOCAL_MAILDIR + f"""
 [[connectors]]
 name = "Internal"
 bindings = ["127.0.0.1:{port}"]

@@ -13,23 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Launch, gateway_toml, smtp
+from tests.e2e.conftest import LOCAL_MAILDIR, Launch, gateway_toml, smtp
 from tests.servers.ports import free_ports
 
 pytestmark = pytest.mark.e2e
 
 
 def _config(port: int, other_port: int, admin: int, closed: int) -> str:
-    return gateway_toml(admin, default_route="elsewhere") + f"""
-[[accepted_domains]]
-domain = "example.test"
-route = "local"
-
-[[routes]]
-name = "local"
-via = "maildir"
-maildir = "var/mail"
-
+    return gateway_toml(admin, default_route="elsewhere") + LOCAL_MAILDIR + f"""
 [[routes]]
 name = "elsewhere"
 via = "smarthost"

@@ -18,7 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Launch, gateway_toml, maildir_messages, spool_entries
+from tests.e2e.conftest import (
+    LOCAL_MAILDIR,
+    Launch,
+    gateway_toml,
+    maildir_messages,
+    spool_entries,
+)
 from tests.servers.ports import free_ports, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -31,16 +37,7 @@ INTERNAL_ID = re.compile(rb"\[InternalId=([0-9A-Z]+),")
 
 
 def _config(port: int, admin: int) -> str:
-    return gateway_toml(admin) + f"""
-[[accepted_domains]]
-domain = "example.test"
-route = "local"
-
-[[routes]]
-name = "local"
-via = "maildir"
-maildir = "var/mail"
-
+    return gateway_toml(admin) + LOCAL_MAILDIR + f"""
 [[connectors]]
 name = "Batch"
 bindings = ["127.0.0.1:{port}"]

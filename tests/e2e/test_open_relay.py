@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import (
+    LOCAL_MAILDIR,
     Launch,
     Sinks,
     gateway_toml,
@@ -61,16 +62,7 @@ FORMS = [
 
 
 def _config(port: int, admin: int, trap: int) -> str:
-    return gateway_toml(admin, default_route="trap") + f"""
-[[accepted_domains]]
-domain = "example.test"
-route = "local"
-
-[[routes]]
-name = "local"
-via = "maildir"
-maildir = "var/mail"
-
+    return gateway_toml(admin, default_route="trap") + LOCAL_MAILDIR + f"""
 [[routes]]
 name = "trap"
 via = "smarthost"
