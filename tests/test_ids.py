@@ -85,16 +85,19 @@ def test_is_queue_id_refuses_other_text() -> None:
 
 def test_unique_across_processes_and_fork() -> None:
     """Processes asking at the same instant, including a forked child, get distinct ids."""
+    # One write(2) per id, no stdio buffering across the fork; the parent
+    # reports how its child ended, so a lost line cannot pass unexplained.
     code = (
         "import os, sys\n"
         "from relaygw.spool.ids import new_queue_id\n"
         "now = float(sys.argv[1])\n"
-        "print(new_queue_id(now), flush=True)\n"
+        "os.write(1, (new_queue_id(now) + '\\n').encode())\n"
         "pid = os.fork()\n"
-        "print(new_queue_id(now), flush=True)\n"
+        "os.write(1, (new_queue_id(now) + '\\n').encode())\n"
         "if pid == 0:\n"
         "    os._exit(0)\n"
-        "os.waitpid(pid, 0)\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "sys.exit(0 if status == 0 else f'child ended with status {status}')\n"
     )
     env = dict(os.environ, PYTHONPATH=str(_REPO))
     ids: list[str] = [new_queue_id(_NOW)]
