@@ -16,6 +16,10 @@ certificate; C{"required"} fails the attempt (retry) when the host does not
 offer it.  C{"verify"} and C{"mta-sts"} are the next issue:
 L{check_tls_mode} raises L{NotImplementedError} for them.
 
+The values a transaction takes and gives (L{OutboundMessage},
+L{TransactionResult}, ...) live in L{relaygw.deliver._transaction} and are
+re-exported here.
+
 SMTP AUTH towards a smarthost (C{route.auth_user}) is the next issue too; the
 seam is L{_RelayClient.__init__}'s C{secret} and C{registerAuthenticator}.
 """
@@ -23,9 +27,8 @@ seam is L{_RelayClient.__init__}'s C{secret} and C{registerAuthenticator}.
 from __future__ import annotations
 
 import ipaddress
-from typing import BinaryIO, Callable, Literal, Sequence
+from typing import BinaryIO, Literal
 
-from attrs import frozen
 from OpenSSL import SSL
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred
@@ -38,10 +41,20 @@ from twisted.mail import smtp
 from twisted.python.failure import Failure
 
 from relaygw._types import IServeReactor
-from relaygw.config._model import HostPort, RouteTLS
+from relaygw.config._model import HostPort
 from relaygw.deliver import outcome as _o
+from relaygw.deliver._transaction import (
+    DATA_ERRORS,
+    ClientTimeouts,
+    ClientTLS,
+    DataOpener,
+    OutboundMessage,
+    TLSOptionsFactory,
+    TransactionResult,
+    check_tls_mode,
+)
 from relaygw.replies import Reply
-from relaygw.spool.envelope import Envelope, Outcome
+from relaygw.spool.envelope import Outcome
 
 __all__ = [
     "ClientTLS",
@@ -57,103 +70,15 @@ __all__ = [
     "deliver_to_host",
 ]
 
-ClientTLS = Literal["off", "opportunistic", "required"]
-"""The outbound TLS modes this module implements."""
-
-TLSOptionsFactory = Callable[[str], object]
-"""Host name -> the client context factory given to C{transport.startTLS}."""
-
-DataOpener = Callable[[], BinaryIO]
-"""Opens the spooled message data anew (see L{relaygw.interfaces.IDeliveryTarget.deliver})."""
-
-DATA_ERRORS = (OSError, KeyError, ValueError)
-"""What a L{DataOpener} raises when the data cannot be had (L{relaygw.interfaces.ISpool.open_data})."""
-
 _Stage = Literal["connect", "greeting", "ehlo", "tls", "mail", "rcpt", "data", "done"]
 _BEFORE_TRANSACTION = frozenset({"connect", "greeting", "ehlo", "tls", "mail"})
 
 _log = Logger()
 
 
-def check_tls_mode(mode: RouteTLS) -> ClientTLS:
-    """
-    The client TLS mode for a route's C{tls} setting.
-
-    @raise NotImplementedError: C{"verify"} and C{"mta-sts"} (the next issue).
-    """
-    if mode == "off" or mode == "opportunistic" or mode == "required":
-        return mode
-    raise NotImplementedError(f"outbound tls = {mode!r} is not implemented yet")
-
-
 def unverified_tls_options(host: str) -> object:
     """Client TLS for opportunistic and required modes: encryption, no verification."""
     return ssl.CertificateOptions()
-
-
-@frozen
-class ClientTimeouts:
-    """
-    How long the client waits, in seconds (RFC 5321 section 4.5.3.2 values).
-
-    @ivar connect: for the TCP connection.
-    @ivar reply: for each reply, and between data chunks being taken.
-    @ivar data_done: for the reply to the final C{.}.
-    """
-
-    connect: float = 30.0
-    reply: float = 300.0
-    data_done: float = 600.0
-
-
-@frozen
-class OutboundMessage:
-    """
-    What one transaction sends.
-
-    @ivar sender: the reverse path without brackets; C{""} for the null sender.
-    @ivar recipients: the forward paths, in RCPT order.
-    @ivar open_data: opens the spool's message data (CRLF lines, not
-        dot-stuffed), once per transaction.
-    @ivar eight_bit: send C{BODY=8BITMIME} when the host offers it.
-    @ivar smtputf8: the message needs SMTPUTF8 (RFC 6531).
-    """
-
-    sender: str
-    recipients: tuple[str, ...]
-    open_data: DataOpener
-    eight_bit: bool = False
-    smtputf8: bool = False
-
-    @classmethod
-    def of(
-        cls, envelope: Envelope, recipients: Sequence[str], open_data: DataOpener
-    ) -> OutboundMessage:
-        """The message of C{envelope} for C{recipients}."""
-        return cls(
-            sender=envelope.sender,
-            recipients=tuple(recipients),
-            open_data=open_data,
-            eight_bit=envelope.body != "7BIT",
-            smtputf8=envelope.smtputf8,
-        )
-
-
-@frozen
-class TransactionResult:
-    """
-    The result of one attempt at one host.
-
-    @ivar host: the host as C{host:port}.
-    @ivar outcomes: one outcome per recipient of the message.
-    @ivar failover: C{True} when the host never took the transaction
-        (connection failure, refused or broken before the reply to MAIL, a
-        4xx to MAIL, TLS required but missing): another host may do better.
-    """
-
-    host: str
-    outcomes: dict[str, Outcome]
-    failover: bool
 
 
 class _RelayClient(smtp.ESMTPClient):  # type: ignore[misc]

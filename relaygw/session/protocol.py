@@ -24,10 +24,8 @@ section 5), other unknown parameters get 555.
 from __future__ import annotations
 
 import ipaddress
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable, cast
 
-from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -45,18 +43,19 @@ from zope.interface import implementer
 from relaygw import replies
 from relaygw.accept.intake import DataDecoder, MessageIntake, Transaction
 from relaygw.auth import sasl
-from relaygw.auth.throttle import LoginResult, guarded_login
 from relaygw.auth.user import AuthenticatedUser
 from relaygw.config._model import Config, Connector
-from relaygw.errors import DeferReply, RejectReply
-from relaygw.interfaces import DirectoryUnavailable, IConnectorSelector
+from relaygw.interfaces import IConnectorSelector
 from relaygw.replies import Reply
-from relaygw.session.address import AddressError, Mailbox, parse_mail_from, parse_rcpt_to
-from relaygw.session.headers import banner_date, message_id, received_header, with_keyword
+from relaygw.session._auth import AuthCommands
+from relaygw.session._data import DataCommands
+from relaygw.session._envelope import EnvelopeCommands
+from relaygw.session._state import seconds as _seconds
+from relaygw.session.headers import banner_date
 from relaygw.session.limits import ConnectionCounter
 from relaygw.session.policy import Policy
 from relaygw.session.rights import session_rights
-from relaygw.spool.envelope import Envelope, TLSInfo
+from relaygw.spool.envelope import TLSInfo
 
 if TYPE_CHECKING:
     from relaygw.connectors.selector import Selection
@@ -68,7 +67,6 @@ __all__ = ["MAX_BAD_COMMANDS", "MAX_LINE", "Session"]
 MAX_LINE = 2000
 #: The bad command that closes the connection.
 MAX_BAD_COMMANDS = 10
-_BODY_TYPES = frozenset({"7BIT", "8BITMIME", "BINARYMIME"})
 #: Input held while a command waits (AUTH check, recipient lookup) before
 #: the transport is paused.
 _MAX_PENDING = 256 * 1024
@@ -87,14 +85,15 @@ def plain_ip(host: str) -> str:
     return str(address)
 
 
-def _seconds(value: float) -> float | None:
-    return value if value > 0 else None
-
-
 @implementer(IHandshakeListener)
-class Session(Protocol, TimeoutMixin):
+class Session(AuthCommands, EnvelopeCommands, DataCommands, Protocol, TimeoutMixin):
     """
     One ESMTP session on the connector chosen for it at connect time.
+
+    This class has the connection, the input and output and the session
+    commands; the mixins have AUTH (L{relaygw.session._auth}), MAIL and RCPT
+    (L{relaygw.session._envelope}) and the message data
+    (L{relaygw.session._data}).
 
     @ivar connector: the connector, once chosen.
     @ivar user: the authenticated user, C{None} before (or without) AUTH.
@@ -535,189 +534,6 @@ class Session(Protocol, TimeoutMixin):
         self.helo, self._esmtp, self.user, self._sasl = None, False, None, None
         return None
 
-    # -- AUTH (RFC 4954) ------------------------------------------------------
-
-    def do_AUTH(self, args: str) -> Reply | Deferred[Reply]:
-        if self.helo is None:
-            return replies.NEED_HELO
-        if self.user is not None:
-            return replies.AUTH_ALREADY
-        if self._txn is not None:
-            return replies.BAD_SEQUENCE  # RFC 4954 section 4: not during a transaction
-        parts = args.split()
-        if not 1 <= len(parts) <= 2:
-            return replies.SYNTAX_ERROR
-        offered = {m.upper() for m in self._c.auth_mechanisms}
-        started = sasl.start(parts[0], parts[1] if len(parts) == 2 else None)
-        if not self._auth_offered() or parts[0].upper() not in offered or started is None:
-            return replies.AUTH_MECHANISM
-        return self._auth_step(*started)
-
-    def _auth_line(self, line: bytes) -> None:
-        """A client response inside an AUTH exchange (never logged: it is a secret)."""
-        exchange = self._sasl
-        assert exchange is not None
-        if self._verbose:
-            self._log.debug("< {data}", event="receive.command", data="****", **self._fields())
-        reply = self._auth_step(exchange, exchange.respond(line.decode("ascii", "replace")))
-        if isinstance(reply, Deferred):
-            self._await(reply)
-        else:
-            self._answer(reply)
-
-    def _auth_step(self, exchange: sasl.Exchange, step: sasl.Step) -> Reply | Deferred[Reply]:
-        if isinstance(step, sasl.Challenge):
-            self._sasl = exchange
-            return replies.auth_challenge(step.prompt)
-        self._sasl = None
-        if isinstance(step, sasl.Refused):
-            self._log.warn("AUTH from {peer} refused: {reason}", event="auth.result",
-                           result="failure", reason=step.reason, auth_user=None,
-                           **self._fields())
-            return step.reply
-        credentials = sasl.Credentials(step.username, step.password, self._client_ip,
-                                       self._c.name)
-        login = guarded_login(cast(Portal, self._factory.portal),
-                              self._factory.auth_throttle(self._c), credentials,
-                              self._reactor, self._fields())
-        return login.addCallback(self._authenticated)
-
-    def _authenticated(self, result: LoginResult) -> Reply:
-        if result.user is not None:
-            self.user = result.user
-            self._log.info("authenticated as {auth_user}", event="receive.authenticated",
-                           auth_user=result.user.name, **self._fields())
-        return result.reply
-
-    def do_MAIL(self, args: str) -> Reply | None:
-        if self.helo is None:
-            return replies.NEED_HELO
-        if self._txn is not None:
-            return replies.DUPLICATE_MAIL
-        try:
-            sender, params = parse_mail_from(args)
-        except AddressError as e:
-            return e.reply
-        c = self._c
-        body, smtputf8 = "7BIT", False
-        for key, value in params.items():
-            if key == "SIZE":
-                if value is None or not value.isdigit() or len(value) > 20:
-                    return replies.BAD_SIZE_PARAM
-                if int(value) > c.max_message_size:
-                    return replies.TOO_BIG
-            elif key == "BODY":
-                if value is None or value.upper() not in _BODY_TYPES:
-                    return replies.SYNTAX_ERROR
-                body = value.upper()
-            elif key == "SMTPUTF8":
-                if value is not None:
-                    return replies.SYNTAX_ERROR
-                smtputf8 = True
-            elif key != "AUTH":  # RFC 4954 section 5: AUTH= may be ignored
-                return replies.BAD_PARAMETER
-        if sender is not None and not smtputf8 and not str(sender).isascii():
-            return replies.BAD_SENDER_SYNTAX
-        key = f"user:{self.user.name}" if self.user else f"ip:{self._client_ip}"
-        if not self._factory.rate_limiter(c).allow(key):
-            self._log.warn("message rate limit reached for {rate_key}", rate_key=key,
-                           event="receive.rate-limited", **self._fields())
-            self._answer(replies.rate_limited(c.fqdn), close=True)
-            return None
-        assert self._policy is not None
-        reply = self._policy.check_mail(rights=self._rights(), user=self.user, sender=sender,
-                                        tls_active=self._tls_active)
-        if reply.code < 400:
-            self._txn = Transaction(sender, body=body, smtputf8=smtputf8)
-        return reply
-
-    def do_RCPT(self, args: str) -> Reply | Deferred[Reply]:
-        if self.helo is None:
-            return replies.NEED_HELO
-        txn = self._txn
-        if txn is None:
-            return replies.NEED_MAIL
-        if txn.mode is not None:
-            return replies.BAD_SEQUENCE
-        try:
-            recipient, params = parse_rcpt_to(args)
-        except AddressError as e:
-            return e.reply
-        if params:
-            return replies.BAD_PARAMETER
-        if not txn.smtputf8 and not str(recipient).isascii():
-            return replies.BAD_RECIPIENT_SYNTAX
-        assert self._policy is not None
-        reply = self._policy.check_rcpt(rights=self._rights(), recipient=recipient,
-                                        accepted_so_far=len(txn.recipients))
-        if reply.code >= 400:
-            return reply
-        entry = self._config.accepted_domain(recipient.routing_domain)
-        if (entry is not None and entry.type == "authoritative" and entry.validate_recipients
-                and self._factory.addresses is not None
-                and not recipient.routing_domain.startswith("[")):
-            return Deferred.fromCoroutine(self._validate(txn, recipient))
-        txn.recipients.append(recipient)
-        return reply
-
-    async def _validate(self, txn: Transaction, recipient: Mailbox) -> Reply:
-        """C{validate_recipients}: look C{recipient} up in the directory (cached)."""
-        lookup = self._factory.addresses
-        assert lookup is not None
-        address = f"{recipient.local}@{recipient.routing_domain}"
-        try:
-            exists = await lookup.exists(address)
-        except DirectoryUnavailable as error:
-            self._log.error("recipient lookup failed: {problem}", problem=str(error),
-                            event="receive.lookup-failed", **self._fields())
-            return replies.RECIPIENT_LOOKUP_FAILED
-        except Exception:
-            self._log.failure("recipient lookup failed", event="receive.lookup-failed",
-                              **self._fields())
-            return replies.RECIPIENT_LOOKUP_FAILED
-        if not exists:
-            self._log.info("recipient <{recipient}> not found", recipient=address,
-                           event="receive.recipient-unknown", **self._fields())
-            return replies.RECIPIENT_NOT_FOUND
-        if self._txn is txn:
-            txn.recipients.append(recipient)
-        return replies.RCPT_OK
-
-    def do_DATA(self, args: str) -> Reply:
-        if args:
-            return replies.SYNTAX_ERROR
-        refusal = self._data_refusal()
-        if refusal is not None:
-            return refusal
-        if self._txn is not None and self._txn.mode == "BDAT":
-            return replies.BDAT_MIXED
-        if not self._start_message(check_line_ends=True):
-            return replies.SPOOL_FAILED
-        assert self._txn is not None
-        self._txn.mode = "DATA"
-        self._decoder = DataDecoder()
-        self._set_raw_mode("data")
-        return replies.START_DATA
-
-    def do_BDAT(self, args: str) -> Reply | None:
-        parts = args.split()
-        if (not 1 <= len(parts) <= 2 or not parts[0].isdigit() or len(parts[0]) > 18
-                or (len(parts) == 2 and parts[1].upper() != "LAST")):
-            return replies.SYNTAX_ERROR
-        self._bdat_size = self._bdat_left = int(parts[0])
-        self._bdat_last = len(parts) == 2
-        self._bdat_refusal = self._data_refusal()
-        if self._bdat_refusal is None and self._intake is None:
-            assert self._txn is not None
-            if not self._start_message(check_line_ends=self._txn.body != "BINARYMIME"):
-                self._bdat_refusal = replies.SPOOL_FAILED
-            else:
-                self._txn.mode = "BDAT"
-        self._set_raw_mode("bdat")
-        if self._bdat_left == 0:
-            self._end_chunk()
-        return None
-
     def do_RSET(self, args: str) -> Reply:
         self._reset_transaction()
         return replies.RESET_OK
@@ -733,160 +549,3 @@ class Session(Protocol, TimeoutMixin):
 
     def do_HELP(self, args: str) -> Reply:
         return replies.HELP
-
-    # -- message data -------------------------------------------------------
-
-    def _data_refusal(self) -> Reply | None:
-        if self.helo is None:
-            return replies.NEED_HELO
-        if self._txn is None:
-            return replies.NEED_MAIL
-        if not self._txn.recipients:
-            return replies.NEED_RCPT
-        return None
-
-    def _start_message(self, *, check_line_ends: bool) -> bool:
-        """Open a spool entry for the transaction; C{False} when the spool fails."""
-        txn, c = self._txn, self._c
-        assert txn is not None and self.helo is not None
-        try:
-            writer = self._factory.spool.begin()
-        except OSError as e:
-            self._log.error("spool unavailable: {error}", error=str(e),
-                            event="receive.spool-error", **self._fields())
-            return False
-        try:
-            received = received_header(
-                helo=self.helo,
-                client_ip=self._client_ip,
-                by_fqdn=c.fqdn,
-                with_=with_keyword(esmtp=self._esmtp, tls=self._tls_active,
-                                   auth=self.user is not None, smtputf8=txn.smtputf8),
-                queue_id=writer.queue_id,
-                recipient=str(txn.recipients[0]) if len(txn.recipients) == 1 else None,
-                tls=self.tls if self._tls_active else None,
-                when=datetime.fromtimestamp(self._reactor.seconds(), timezone.utc),
-            )
-            self._intake = MessageIntake(
-                writer,
-                received=received,
-                new_message_id=message_id(writer.queue_id, c.fqdn),
-                max_size=c.max_message_size,
-                check_line_ends=check_line_ends,
-            )
-        except BaseException:
-            writer.abort()
-            raise
-        return True
-
-    def _data_received(self, data: bytes) -> bytes:
-        assert self._decoder is not None and self._intake is not None
-        content, leftover = self._decoder.feed(data)
-        self._intake.feed(content)
-        if leftover is None:
-            return b""
-        self._end_message()
-        return leftover
-
-    def _bdat_received(self, data: bytes) -> bytes:
-        take = data[: self._bdat_left]
-        self._bdat_left -= len(take)
-        if self._intake is not None and self._bdat_refusal is None:
-            self._intake.feed(take)
-        if self._bdat_left:
-            return b""
-        rest = data[len(take):]
-        self._end_chunk()
-        return rest
-
-    def _end_chunk(self) -> None:
-        self._set_command_mode()
-        if self._bdat_refusal is not None:
-            # RFC 3030 section 4.2: a refused chunk ends the transaction.
-            refusal, self._bdat_refusal = self._bdat_refusal, None
-            self._reset_transaction()
-            self._answer(refusal)
-            return
-        if self._bdat_last:
-            self._end_message()
-            return
-        assert self._intake is not None
-        problem = self._intake.problem
-        if problem is not None:
-            self._refused(problem)
-            self._reset_transaction()
-            return
-        self._answer(replies.bdat_ok(self._bdat_size))
-
-    def _end_message(self) -> None:
-        """
-        Commit the message; answer when the commit is durable.  Meanwhile
-        further input waits (PIPELINING order) and no timeout runs; if the
-        client leaves, the commit still completes and is logged.
-        """
-        intake, txn = self._intake, self._txn
-        assert intake is not None and txn is not None
-        self._intake, self._decoder, self._txn = None, None, None
-        self._set_command_mode()
-        try:
-            committing = intake.finish(
-                lambda message_id, size: txn.envelope(
-                    queue_id=intake.queue_id,
-                    message_id=message_id,
-                    size=size,
-                    connector=self._c.name,
-                    client_ip=self._client_ip,
-                    client_port=self._client_port,
-                    helo=self.helo or "",
-                    auth_user=self.user.name if self.user else None,
-                    tls=self.tls if self._tls_active else None,
-                    received_at=self._reactor.seconds(),
-                )
-            )
-        except (RejectReply, DeferReply) as e:
-            self._refused(e)
-            return
-        except Exception:
-            intake.abort()
-            self._log.failure("unexpected error ending message {queue_id} from {peer}",
-                              queue_id=intake.queue_id, **self._fields())
-            self._answer(replies.INTERNAL_ERROR)
-            return
-        self._set_timeout(None)
-        self._await(committing.addCallbacks(self._queued, self._not_queued,
-                                            errbackArgs=(intake.queue_id,)))
-
-    def _queued(self, envelope: Envelope) -> Reply:
-        """The commit is durable: log it (one event with all fields) and say 250."""
-        self._messages += 1
-        self._log.info(
-            "message {queue_id} {message_id} from <{sender}> queued for {count} recipient(s)",
-            event="receive.queued", queue_id=envelope.id, message_id=envelope.message_id,
-            sender=envelope.sender, recipients=[r.address for r in envelope.recipients],
-            count=len(envelope.recipients), size=envelope.size, helo=envelope.helo,
-            auth_user=envelope.auth_user, smtp_code=250, **self._fields(),
-        )
-        self._resume_timeout()
-        return replies.queued(envelope.message_id, envelope.id, self._c.fqdn)
-
-    def _not_queued(self, failure: Failure, queue_id: str) -> Reply:
-        self._resume_timeout()
-        if isinstance(failure.value, DeferReply):
-            return self._refusal(failure.value)
-        self._log.failure("unexpected error committing message {queue_id} from {peer}",
-                          failure, queue_id=queue_id, **self._fields())
-        return replies.INTERNAL_ERROR
-
-    def _resume_timeout(self) -> None:
-        if not self._lost and not self._closing:
-            self._set_timeout(_seconds(self._c.timeouts.command.total_seconds()))
-
-    def _refused(self, error: RejectReply | DeferReply) -> None:
-        self._answer(self._refusal(error))
-
-    def _refusal(self, error: RejectReply | DeferReply) -> Reply:
-        self._log.info(
-            "message refused: {reason}", event="receive.message-refused", reason=error.reason,
-            smtp_code=error.reply.code, enhanced_code=error.reply.enhanced, **self._fields(),
-        )
-        return error.reply
