@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.task import LoopingCall
 
 from relaygw.auth.directory import LDAPDirectory, _refuse_disabled_or_locked
 from tests.servers import samba_ad as A
-from tests.servers.dirtest import DirectoryTestCase, settings, unavailable
+from tests.servers.dirtest import DirectoryTestCase, settings, ticks_during, unavailable
 from tests.servers.slowproxy import DelayingProxy
 
 
@@ -129,22 +128,12 @@ class ADTests(DirectoryTestCase):
         While the DC answers 2 s late, a 10 ms LoopingCall keeps ticking (its certificate names
         localhost).
         """
-        from twisted.internet import reactor
-
         proxy = DelayingProxy((self.dc.ip, 636), delay=2.0)
         self.addCleanup(proxy.stop)
-        ticks = []
-        loop = LoopingCall(lambda: ticks.append(1))
-        loop.clock = reactor  # type: ignore[assignment]
-        loop.start(0.01)
-        try:
-            user = await self.ad(f"ldaps://localhost:{proxy.port}", timeout=10).authenticate(
-                "alice", "alicepw"
-            )
-        finally:
-            loop.stop()
+        directory = self.ad(f"ldaps://localhost:{proxy.port}", timeout=10)
+        user, ticks = await ticks_during(lambda: directory.authenticate("alice", "alicepw"))
         self.assertEqual(user.name, "alice")
-        self.assertGreater(len(ticks), 50)
+        self.assertGreater(ticks, 50)
 
     async def test_passwords_never_logged(self) -> None:
         """No log event or exception text carries a password, refused or accepted."""

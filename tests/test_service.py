@@ -231,11 +231,7 @@ class ServiceTests(TestCase):
         new = self.base / "mail" / "alice" / "new"
 
         async def check() -> None:
-            for _ in range(100):
-                if new.is_dir() and any(new.iterdir()):
-                    break
-                await task.deferLater(cast(IServeReactor, reactor), 0.05, lambda: None)
-            delivered = list(new.iterdir())
+            delivered = await _delivered(new)
             self.assertEqual(len(delivered), 1)
             self.assertIn(b"before the restart", delivered[0].read_bytes())
 
@@ -263,11 +259,7 @@ class ServiceTests(TestCase):
 
         async def check() -> None:
             await threads.deferToThread(send)
-            for _ in range(100):
-                if new.is_dir() and any(new.iterdir()):
-                    break
-                await task.deferLater(cast(IServeReactor, reactor), 0.05, lambda: None)
-            delivered = list(new.iterdir())
+            delivered = await _delivered(new)
             self.assertEqual(len(delivered), 1)
             self.assertIn(b"through the service", delivered[0].read_bytes())
 
@@ -286,3 +278,14 @@ class ServiceTests(TestCase):
         service = self._service(load_text(text, "test.toml", self.base))
         service.startService()
         return service.stopService()  # type: ignore[return-value]
+
+
+async def _delivered(new: Path) -> list[Path]:
+    """The files in a Maildir C{new/} once one appears (polled for at most 5 s)."""
+    from twisted.internet import reactor
+
+    for _ in range(100):
+        if new.is_dir() and any(new.iterdir()):
+            break
+        await task.deferLater(cast(IServeReactor, reactor), 0.05, lambda: None)
+    return list(new.iterdir())

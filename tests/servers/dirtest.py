@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.task import LoopingCall
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
@@ -33,6 +34,8 @@ AD_FILTER = (
 )
 LDAP_FILTER = "(&(objectClass=inetOrgPerson)(|(uid={user})(mail={user})))"
 
+
+_T = TypeVar("_T")
 
 def unavailable(reason: str | None) -> None:
     """Skip for a missing server binary; on CI (C{CI} set) that is a failure."""
@@ -110,3 +113,27 @@ class DirectoryTestCase(TestCase):
 def from_directory(event: dict[str, Any]) -> bool:
     """Whether an event was logged by the directory adapter."""
     return str(event.get("log_namespace", "")).startswith("relaygw.auth.directory")
+
+
+async def ticks_during(work: Callable[[], Awaitable[_T]]) -> tuple[_T, int]:
+    """
+    Run C{work()} on the real reactor while a 10 ms LoopingCall counts
+    ticks: a reactor blocked by the work gives about one tick.
+
+    @return: the work's result and the number of ticks.
+    """
+    from twisted.internet import reactor
+
+    ticks = [0]
+
+    def tick() -> None:
+        ticks[0] += 1
+
+    loop = LoopingCall(tick)
+    loop.clock = reactor  # type: ignore[assignment]
+    loop.start(0.01)
+    try:
+        result = await work()
+    finally:
+        loop.stop()
+    return result, ticks[0]
