@@ -52,6 +52,7 @@ import relaygw
 from relaygw._types import IServeReactor
 from relaygw.config._model import Config
 from relaygw.interfaces import ISpool
+from relaygw.spool.ids import is_queue_id
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IResolver
@@ -290,19 +291,18 @@ class _QueueIds(LineOnlyReceiver):
 
     delimiter = b"\n"
 
-    def __init__(self, scheduler: Scheduler, spool: ISpool, done: Deferred[None]) -> None:
+    def __init__(self, scheduler: Scheduler, done: Deferred[None]) -> None:
         self._scheduler = scheduler
-        self._spool = spool
         self._done = done
 
     def lineReceived(self, line: bytes) -> None:
         queue_id = line.decode("ascii", "replace").strip()
-        try:
-            envelope = self._spool.load(queue_id)
-        except (KeyError, ValueError, OSError):
-            _log.warn("delivery process: no spool entry {queue_id}", queue_id=queue_id)
+        if not is_queue_id(queue_id):
+            _log.warn("delivery process: ignoring {line!r} (not a queue id)", line=queue_id)
             return
-        self._scheduler.enqueue(envelope)  # type: ignore[arg-type]
+        # The attempt reads the envelope; reading it here too would double
+        # the delivery process's spool reads.
+        self._scheduler.enqueue_id(queue_id)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         if not self._done.called:
@@ -322,7 +322,7 @@ async def _run(reactor: IServeReactor, config_path: str | None) -> None:
     _log.info("delivery process: {count} queued message(s)", count=len(entries))
     scheduler.start(entries)
     done: Deferred[None] = Deferred()
-    stdio.StandardIO(_QueueIds(scheduler, spool, done), reactor=reactor)  # type: ignore[no-untyped-call]
+    stdio.StandardIO(_QueueIds(scheduler, done), reactor=reactor)  # type: ignore[no-untyped-call]
     await done
     await scheduler.stop()
     release()

@@ -161,6 +161,19 @@ class SchedulerTests(SynchronousTestCase):
         self.clock.advance(0)
         self.assertEqual(self.local.calls, [("A", ("a@local.test",))])
 
+    def test_enqueue_by_id_reads_the_spool_once(self) -> None:
+        """
+        By queue id (the delivery process's pipe), the attempt loads the
+        envelope itself; an id no longer in the spool is dropped, not retried.
+        """
+        s = self.scheduler()
+        self.spool.add(envelope("A", "a@local.test"))
+        s.enqueue_id("A")
+        s.enqueue_id("GONE")
+        self.clock.advance(0)
+        self.assertEqual(self.local.calls, [("A", ("a@local.test",))])
+        self.assertIsNone(s.next_attempt("GONE"))
+
     def test_delivered_message_leaves_spool(self) -> None:
         """When every recipient is delivered, the entry is removed from the spool."""
         s = self.scheduler()

@@ -101,7 +101,15 @@ class Scheduler:
 
     def enqueue(self, envelope: Envelope) -> None:
         """A newly committed entry: try it at once (on the next reactor turn)."""
-        self._schedule(envelope.id, self._clock.seconds())
+        self.enqueue_id(envelope.id)
+
+    def enqueue_id(self, queue_id: str) -> None:
+        """
+        Like L{enqueue}, by queue id: the attempt loads the envelope, so a
+        caller that only has the id need not read it first.  An id that is
+        not in the spool is logged and dropped by the attempt.
+        """
+        self._schedule(queue_id, self._clock.seconds())
         self._arm()
 
     def stop(self) -> Deferred[None]:
