@@ -242,8 +242,6 @@ class ServiceTests(TestCase):
         End to end through the assembled service: a message sent with smtplib
         to an accepted domain is queued (250) and delivered to the Maildir.
         """
-        from twisted.internet import reactor
-
         self._started()
         new = self.base / "mail" / "bob" / "new"
 

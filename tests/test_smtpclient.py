@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
-import shutil
 import socket
 import subprocess
 import tempfile
