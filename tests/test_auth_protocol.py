@@ -243,6 +243,52 @@ class ThrottleTests(AuthSession):
         self.assertEqual(self.read(), [FAILED, "250 2.0.0 OK"])
 
 
+    def test_default_delay_capped_at_five_seconds(self) -> None:
+        """
+        Issue 6: with the default throttle, nine failures from one address
+        (different user names) are each answered within 5 s (Exchange's
+        tarpit), never the 16 s and 30 s a device with a 10 s timeout gives up on.
+        """
+        self.setup(auth_throttle=AuthThrottle())
+        self.send(b"EHLO c\r\n")
+        waits = []
+        for n in range(9):
+            self.assertEqual(self.send(plain(b"user%d" % n, b"wrong")), [])
+            waited = 0.0
+            while not self.read():
+                self.clock.advance(0.5)
+                waited += 0.5
+                self.assertLessEqual(waited, 5.0)
+            waits.append(waited)
+        self.assertEqual(waits, [1.0, 2.0, 4.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0])
+
+    def test_delay_never_past_command_timeout(self) -> None:
+        """A max_delay longer than the connector's command timeout waits the command timeout."""
+        from relaygw.config._model import Timeouts
+
+        self.setup(auth_throttle=AuthThrottle(delay=timedelta(seconds=8),
+                                              max_delay=timedelta(minutes=10)),
+                   timeouts=Timeouts(command=timedelta(seconds=3)))
+        self.send(b"EHLO c\r\n")
+        self.assertEqual(self.fail_once(), [])
+        self.clock.advance(2.99)
+        self.assertEqual(self.read(), [])
+        self.clock.advance(0.01)
+        self.assertEqual(self.read(), [FAILED])
+        self.assertTrue(self.transport.connected)
+
+    def test_later_commands_not_delayed(self) -> None:
+        """After a throttled 535 the session's next commands are answered at once."""
+        self.setup()
+        self.send(b"EHLO c\r\n")
+        for _ in range(3):
+            self.fail_once()
+            self.clock.advance(4)
+            self.assertEqual(self.read(), [FAILED])
+        self.assertEqual(self.send(b"NOOP\r\n"), ["250 2.0.0 OK"])
+        self.assertEqual(self.send(b"MAIL FROM:<a@example.test>\r\n")[0][:3], "250")
+
+
 class RightsTests(AuthSession):
     def test_grant_group_gives_relay(self) -> None:
         """A user in a grant group (DN matched by CN) may relay and use any sender."""

@@ -654,7 +654,7 @@ def test_overlapping_ranges_on_shared_binding() -> None:
     at the later connector's range (reported by the selector's find_conflicts)."""
     text = (
         '[[connectors]]\nname = "A"\nbindings = ["0.0.0.0:25"]\nremote_ranges = ["10.0.0.0/8"]\n'
-        '[[connectors]]\nname = "B"\nbindings = ["127.0.0.1:25"]\n'
+        '[[connectors]]\nname = "B"\nbindings = ["0.0.0.0:25"]\n'
         'remote_ranges = ["192.0.2.1", "10.0.0.0-10.255.255.255"]\n'
     )
     with pytest.raises(ConfigError) as info:
@@ -662,8 +662,17 @@ def test_overlapping_ranges_on_shared_binding() -> None:
     assert str(info.value) == (
         "relaygw.toml: connectors[1].remote_ranges[1]: overlaps connectors[0] ('A')"
         " remote_ranges[0] '10.0.0.0/8' with a range of the same size on binding"
-        " 127.0.0.1:25 (shared with 0.0.0.0:25)"
+        " 0.0.0.0:25"
     )
+
+
+def test_equal_ranges_on_specific_binding_beside_wildcard() -> None:
+    """Issue 6: equal ranges on 0.0.0.0:P and 127.0.0.2:P load (the specific binding wins)."""
+    text = (
+        '[[connectors]]\nname = "Any"\nbindings = ["0.0.0.0:25"]\nremote_ranges = ["127.0.0.0/8"]\n'
+        '[[connectors]]\nname = "Lo2"\nbindings = ["127.0.0.2:25"]\nremote_ranges = ["127.0.0.0/8"]\n'
+    )
+    assert [c.name for c in _load(text).connectors] == ["Any", "Lo2"]
 
 
 def test_conflict_mapped_to_key_path(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -357,15 +357,42 @@ def test_conflict_partial_overlap_of_a_b_ranges() -> None:
     assert [(c.connector_index, c.range_index) for c in find_conflicts(connectors)] == [(1, 0)]
 
 
-def test_conflict_on_wildcard_shared_with_specific_binding() -> None:
-    """A wildcard binding is shared with a specific binding of its family and port."""
+def test_no_conflict_specific_binding_beside_wildcard() -> None:
+    """
+    Issue 6: equal ranges on 0.0.0.0:P and 127.0.0.2:P are valid; the
+    binding on the local address itself wins, the wildcard serves the rest.
+    """
     connectors = [
-        _connector("front", ["0.0.0.0:25"], ["10.0.0.0/8"]),
+        _connector("Any", ["0.0.0.0:25"], ["127.0.0.0/8"]),
+        _connector("Lo2", ["127.0.0.2:25"], ["127.0.0.0/8"]),
+    ]
+    assert find_conflicts(connectors) == []
+    selector = ConnectorSelector(connectors)
+    assert _name(selector.select("127.0.0.2", 25, "127.0.0.9")) == "Lo2"
+    assert _name(selector.select("127.0.0.1", 25, "127.0.0.9")) == "Any"
+
+
+def test_no_conflict_specific_binding_beside_dual_stack_wildcard() -> None:
+    """A dual-stack [::]:P beside 127.0.0.2:P with equal ranges is valid too."""
+    connectors = [
+        _connector("Any", ["[::]:25"], ["127.0.0.0/8"]),
+        _connector("Lo2", ["127.0.0.2:25"], ["127.0.0.0/8"]),
+    ]
+    assert find_conflicts(connectors) == []
+    selector = ConnectorSelector(connectors)
+    assert _name(selector.select("::ffff:127.0.0.2", 25, "::ffff:127.0.0.9")) == "Lo2"
+    assert _name(selector.select("::ffff:127.0.0.1", 25, "::ffff:127.0.0.9")) == "Any"
+
+
+def test_conflict_on_identical_specific_binding() -> None:
+    """Two connectors on the same specific address and port conflict; the message names it."""
+    connectors = [
+        _connector("front", ["0.0.0.0:25", "127.0.0.1:25"], ["10.0.0.0/8"]),
         _connector("local", ["127.0.0.1:25"], ["10.0.0.0/8"]),
     ]
     assert [c.problem for c in find_conflicts(connectors)] == [
         "overlaps connectors[0] ('front') remote_ranges[0] '10.0.0.0/8' with a range of "
-        "the same size on binding 127.0.0.1:25 (shared with 0.0.0.0:25)"
+        "the same size on binding 127.0.0.1:25"
     ]
 
 

@@ -7,7 +7,9 @@ count reaches C{max_failures}, AUTH is answered 535 without asking the
 directory, so a misconfigured printer cannot lock the Active Directory
 account it uses; throttled attempts count as failures.  The reply to a
 failed (or throttled) AUTH is delayed by C{delay * 2 ** (failures - 1)},
-capped at C{max_delay}, where C{failures} is the larger of the two counts.
+capped at C{max_delay} and at the session's command timeout, where
+C{failures} is the larger of the two counts.  Only that reply waits: the
+session's later commands are answered at once.
 A success clears both counts.  Memory is bounded: at most C{max_keys}
 counters, expired ones dropped first, then the oldest.
 
@@ -144,15 +146,18 @@ def guarded_login(
     credentials: Credentials,
     clock: IReactorTime,
     fields: dict[str, Any],
+    max_wait: float,
 ) -> Deferred[LoginResult]:
     """
     Run one AUTH through the throttle and the portal.
 
     @param fields: log fields of the session (C{connector}, C{session_id}, C{peer}).
+    @param max_wait: the longest delay in seconds (the connector's command
+        timeout: the throttle slows a guesser, it must not hold a connection).
     @return: a Deferred firing (after the throttle delay, on C{clock}) with
         the L{LoginResult}; it never fails.
     """
-    return Deferred.fromCoroutine(_login(portal, throttle, credentials, clock, fields))
+    return Deferred.fromCoroutine(_login(portal, throttle, credentials, clock, fields, max_wait))
 
 
 async def _login(
@@ -161,6 +166,7 @@ async def _login(
     credentials: Credentials,
     clock: IReactorTime,
     fields: dict[str, Any],
+    max_wait: float,
 ) -> LoginResult:
     ip = credentials.client_ip
     name = credentials.username.decode("utf-8", "replace")
@@ -189,6 +195,7 @@ async def _login(
             else:
                 result = LoginResult(replies.AUTH_OK, user, "success")
             wait, reason = 0.0, ""
+    wait = min(wait, max_wait)
     if result.result == "success":
         _log.info("AUTH by {auth_user} from {peer} succeeded", event="auth.result",
                   result="success", auth_user=shown, **fields)

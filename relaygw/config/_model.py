@@ -159,13 +159,15 @@ class AuthThrottle:
     Failed-AUTH throttling per connector (issue 3).  After C{max_failures}
     failures within C{window} from one IP or for one user, AUTH is answered
     535 without asking the directory, after a delay of C{delay} doubled per
-    further failure, capped at C{max_delay}.
+    further failure, capped at C{max_delay} (Exchange's 5 s tarpit by
+    default: scan-to-mail devices give up after about 10 s, and a client
+    that retries keeps its address throttled).
     """
 
     max_failures: int = 5
     window: timedelta = timedelta(minutes=15)
     delay: timedelta = timedelta(seconds=1)
-    max_delay: timedelta = timedelta(seconds=30)
+    max_delay: timedelta = timedelta(seconds=5)
 
 
 @frozen

@@ -72,7 +72,7 @@ class Selection:
 @frozen
 class Conflict:
     """
-    Two connectors on a shared binding with overlapping ranges of one size.
+    Two connectors on one binding with overlapping ranges of one size.
 
     @ivar connector_index: position of the later of the two connectors.
     @ivar range_index: position of the offending range in its C{remote_ranges}.
@@ -183,34 +183,33 @@ class ConnectorSelector:
         )
 
 
-def _shared_binding(a: Connector, b: Connector) -> tuple[Binding, Binding] | None:
+def _same_binding(a: Connector, b: Connector) -> Binding | None:
+    # Only an identical binding (address and port, or the same wildcard) makes
+    # equal sizes ambiguous: a binding on L itself beats a wildcard one.
+    theirs = {_binding_key(binding) for binding in b.bindings}
     for mine in a.bindings:
-        for theirs in b.bindings:
-            if mine.shares_with(theirs):
-                return mine, theirs
+        if _binding_key(mine) in theirs:
+            return mine
     return None
 
 
-def _problem(
-    connectors: Sequence[Connector], earlier: _Entry, bindings: tuple[Binding, Binding]
-) -> str:
+def _problem(connectors: Sequence[Connector], earlier: _Entry, binding: Binding) -> str:
     position, index = earlier
     connector = connectors[position]
-    later_binding, earlier_binding = bindings
-    where = str(later_binding)
-    if later_binding != earlier_binding:
-        where += f" (shared with {earlier_binding})"
     return (
         f"overlaps connectors[{position}] ('{connector.name}') remote_ranges[{index}] "
-        f"'{connector.remote_ranges[index].text}' with a range of the same size on binding {where}"
+        f"'{connector.remote_ranges[index].text}' with a range of the same size on binding "
+        f"{binding}"
     )
 
 
 def find_conflicts(connectors: Sequence[Connector]) -> list[Conflict]:
     """
     Find the configuration error of SPEC section 2: two different connectors
-    with a shared binding (L{Binding.shares_with}) and overlapping remote
-    ranges of the same size, which would make the choice ambiguous.
+    on the same binding (identical address and port) with overlapping remote
+    ranges of the same size, which would make the choice ambiguous.  A
+    specific binding beside the wildcard of its port is no conflict: a
+    binding on the local address itself wins on equal size.
 
     Disabled connectors are checked too, so that enabling one cannot make a
     valid file ambiguous.  Ranges are grouped by version and size and swept
@@ -225,7 +224,7 @@ def find_conflicts(connectors: Sequence[Connector]) -> list[Conflict]:
         for index, r in enumerate(connector.remote_ranges):
             groups.setdefault((r.version, r.size), []).append((r.first, r.last, position, index))
 
-    shared: dict[tuple[int, int], tuple[Binding, Binding] | None] = {}
+    shared: dict[tuple[int, int], Binding | None] = {}
     found: list[tuple[int, int, int, int, str]] = []
     for members in groups.values():
         if len(members) < 2:
@@ -246,16 +245,16 @@ def find_conflicts(connectors: Sequence[Connector]) -> list[Conflict]:
                     continue
                 later, earlier = max(position, other), min(position, other)
                 if (earlier, later) not in shared:
-                    shared[earlier, later] = _shared_binding(connectors[later], connectors[earlier])
-                bindings = shared[earlier, later]
-                if bindings is None:
+                    shared[earlier, later] = _same_binding(connectors[later], connectors[earlier])
+                binding = shared[earlier, later]
+                if binding is None:
                     continue
                 for _, other_index in reaching:
                     if position > other:
                         mine, theirs = (position, index), (other, other_index)
                     else:
                         mine, theirs = (other, other_index), (position, index)
-                    found.append((*mine, *theirs, _problem(connectors, theirs, bindings)))
+                    found.append((*mine, *theirs, _problem(connectors, theirs, binding)))
             active.setdefault(position, deque()).append((last, index))
     found.sort()
     return [Conflict(position, index, problem) for position, index, _, _, problem in found]

@@ -68,7 +68,8 @@ class AuthCommands(_Base):
                                        self._c.name)
         login = guarded_login(cast(Portal, self._factory.portal),
                               self._factory.auth_throttle(self._c), credentials,
-                              self._reactor, self._fields())
+                              self._reactor, self._fields(),
+                              self._c.timeouts.command.total_seconds())
         return login.addCallback(self._authenticated)
 
     def _authenticated(self, result: LoginResult) -> Reply:

@@ -319,13 +319,21 @@ class Session(AuthCommands, EnvelopeCommands, DataCommands, Protocol, TimeoutMix
             self._flush()
 
     def _await(self, answer: Deferred[Reply]) -> None:
-        """Answer when C{answer} fires; input that arrives meanwhile waits."""
+        """
+        Answer when C{answer} fires; input that arrives meanwhile waits.  The
+        idle timeout stops meanwhile: it measures the client's silence, and
+        the client is waiting for us (a throttled AUTH, a commit).
+        """
         self._waiting = True
+        idle = self.timeOut
+        self._set_timeout(None)
 
         def done(reply: Reply) -> None:
             self._waiting = False
             if self._closing or self._mode == "closed":
                 return
+            if self.timeOut is None:  # unless the answer set a new one (end of DATA)
+                self._set_timeout(idle)
             self._answer(reply)
             if not self._dispatching:
                 self._drain()

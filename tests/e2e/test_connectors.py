@@ -7,6 +7,7 @@ twistd process.
 
 from __future__ import annotations
 
+import smtplib
 import socket
 import subprocess
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 
 from tests.e2e.conftest import LOCAL_MAILDIR, Launch, gateway_toml, smtp
 from tests.servers.ports import free_ports
+from tests.servers.relaygw import BIN
 
 pytestmark = pytest.mark.e2e
 
@@ -159,3 +161,40 @@ def test_rights_follow_connector(
         assert client.docmd("RCPT", "TO:<bob@elsewhere.test>") == reply
     finally:
         client.close()
+
+
+def test_specific_binding_beside_wildcard(launch: Launch, workdir: Path) -> None:
+    """
+    Issue 6: equal ranges on 0.0.0.0:P and 127.0.0.2:P start; a client
+    reaching 127.0.0.2:P gets the specific binding's connector, one reaching
+    127.0.0.1:P the wildcard's, and C{relaygw which-connector} says the same.
+    """
+    port, admin, closed = free_ports(3)
+    config = _config(port, port, admin, closed).split("[[connectors]]")[0] + f"""
+[[connectors]]
+name = "Any"
+bindings = ["0.0.0.0:{port}"]
+remote_ranges = ["127.0.0.0/8"]
+banner = "any {{connector}}"
+tls = "off"
+
+[[connectors]]
+name = "Lo2"
+bindings = ["127.0.0.2:{port}"]
+remote_ranges = ["127.0.0.0/8"]
+banner = "lo2 {{connector}}"
+tls = "off"
+"""
+    gateway = launch(workdir, config, [port])
+    for local, name in (("127.0.0.2", "Lo2"), ("127.0.0.1", "Any")):
+        client = smtplib.SMTP(timeout=20)
+        try:
+            assert client.connect(local, port) == (220, f"{name.lower()} {name}".encode())
+        finally:
+            client.close()
+        which = subprocess.run(
+            [str(BIN / "relaygw"), "which-connector", "-c", str(gateway.config_path),
+             "--local", f"{local}:{port}", "--remote", "127.0.0.9"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+        assert (which.returncode, which.stdout.splitlines()[0]) == (0, name), which.stderr
