@@ -26,13 +26,20 @@ import os
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from relaygw._types import ISpoolReactor
 from relaygw.interfaces import IMessageWriter, ISpool
-from relaygw.spool.commit import ENTRY, TEMPORARY, CommitThread, PendingCommit, write_all
+from relaygw.spool.commit import (
+    ENTRY,
+    TEMPORARY,
+    CommitThread,
+    PendingCommit,
+    commit_batch,
+    write_all,
+)
 from relaygw.spool.entry import open_data, read_envelope
 from relaygw.spool.envelope import Envelope
 from relaygw.spool.ids import is_queue_id, new_queue_id
@@ -99,7 +106,7 @@ class DirectorySpool:
         self._queue = self._root / "queue"
         # str paths on the hot path: pathlib costs about 30 us a commit.
         self._queue_dir = str(self._queue)
-        self._prefix = self._queue_dir + os.sep
+        self.prefix = self._queue_dir + os.sep
         self._corrupt = self._root / "corrupt"
         self._reactor = reactor
         self._subscribers: list[Callable[[Envelope], object]] = []
@@ -361,12 +368,31 @@ class DirectorySpool:
     def _file(self, queue_id: str, suffix: str) -> str:
         if not is_queue_id(queue_id):
             raise KeyError(queue_id)
-        return self._prefix + queue_id + suffix
+        return self.prefix + queue_id + suffix
 
     def _directory_fd(self) -> int:
         if self._dir_fd < 0:  # closed: reopen for the synchronous methods
             self._dir_fd = os.open(self._queue_dir, _OPEN_DIR)
         return self._dir_fd
+
+    def submit(self, entry: PendingCommit, envelope: Envelope) -> Deferred[None]:
+        """L{Committer.submit}: queue C{entry} on the commit thread."""
+        waiting: Deferred[None] = Deferred()
+        self._waiting[entry] = (waiting, envelope)
+        try:
+            self._commits.submit(entry)
+        except RuntimeError as e:
+            del self._waiting[entry]
+            entry.discard()
+            return fail(OSError(errno.ESHUTDOWN, str(e)))
+        return waiting
+
+    def commit_now(self, entry: PendingCommit, envelope: Envelope) -> None:
+        """L{Committer.commit_now}: commit C{entry} on this thread."""
+        [error] = commit_batch([entry], self._directory_fd())
+        if error is not None:
+            raise error
+        self._committed(envelope)
 
     def _deliver(self, batch: list[PendingCommit], errors: list[OSError | None]) -> None:
         for entry, error in zip(batch, errors):

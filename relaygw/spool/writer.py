@@ -9,21 +9,17 @@ made durable by the spool's commit thread (L{relaygw.spool.commit}).
 
 from __future__ import annotations
 
-import errno
 import os
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from relaygw.interfaces import IMessageWriter
-from relaygw.spool.commit import TEMPORARY, PendingCommit, commit_batch, write_all
+from relaygw.spool.commit import TEMPORARY, PendingCommit, write_all
 from relaygw.spool.envelope import Envelope
 
-if TYPE_CHECKING:
-    from relaygw.spool.store import DirectorySpool
-
-__all__ = ["SpoolWriter", "WRITE_BUFFER"]
+__all__ = ["Committer", "SpoolWriter", "WRITE_BUFFER"]
 
 WRITE_BUFFER = 64 * 1024
 """Octets a writer holds in memory before it creates its entry file and writes through."""
@@ -31,7 +27,23 @@ WRITE_BUFFER = 64 * 1024
 _FILE_MODE = 0o600
 _OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
-_OPEN, _COMMITTING, _CLOSED = "open", "committing", "closed"
+_OPEN, _CLOSED = "open", "closed"
+
+
+class Committer(Protocol):
+    """
+    What a writer hands its entry to (the spool): the writer knows the
+    queue directory and how to commit, never the spool itself.
+    """
+
+    #: the queue directory followed by the path separator.
+    prefix: str
+
+    def submit(self, entry: PendingCommit, envelope: Envelope) -> Deferred[None]:
+        """Commit on the commit thread; fires once durable and announced."""
+
+    def commit_now(self, entry: PendingCommit, envelope: Envelope) -> None:
+        """Commit on the calling thread; raises the L{OSError} of a failure."""
 
 
 @implementer(IMessageWriter)
@@ -44,11 +56,11 @@ class SpoolWriter:
     @ivar size: octets written so far.
     """
 
-    def __init__(self, spool: DirectorySpool, queue_id: str) -> None:
+    def __init__(self, spool: Committer, queue_id: str) -> None:
         self.queue_id = queue_id
         self.size = 0
         self._spool = spool
-        self._temp_path = spool._prefix + queue_id + TEMPORARY
+        self._temp_path = spool.prefix + queue_id + TEMPORARY
         self._fd = -1
         self._buffer = bytearray()
         self._state = _OPEN
@@ -89,17 +101,7 @@ class SpoolWriter:
         @raise ValueError: a closed writer, or an envelope for another id.
         """
         entry, checked = self._hand_over(envelope)
-        spool = self._spool
-        waiting: Deferred[None] = Deferred()
-        spool._waiting[entry] = (waiting, checked)
-        try:
-            spool._commits.submit(entry)
-        except RuntimeError as e:
-            del spool._waiting[entry]
-            entry.discard()
-            self._state = _CLOSED
-            return fail(OSError(errno.ESHUTDOWN, str(e)))
-        return waiting
+        return self._spool.submit(entry, checked)
 
     def commit_now(self, envelope: object) -> None:
         """
@@ -110,11 +112,7 @@ class SpoolWriter:
         @raise ValueError: as for L{commit}.
         """
         entry, checked = self._hand_over(envelope)
-        [error] = commit_batch([entry], self._spool._directory_fd())
-        self._state = _CLOSED
-        if error is not None:
-            raise error
-        self._spool._committed(checked)
+        self._spool.commit_now(entry, checked)
 
     def abort(self) -> None:
         """
@@ -142,9 +140,9 @@ class SpoolWriter:
             raise ValueError(f"spool entry {self.queue_id} is closed")
         if not isinstance(envelope, Envelope) or envelope.id != self.queue_id:
             raise ValueError(f"commit of spool entry {self.queue_id} needs its own Envelope")
-        self._state = _COMMITTING
+        self._state = _CLOSED
         entry = PendingCommit(
-            self.queue_id, self._spool._prefix, self._fd, self._buffer, envelope.to_json()
+            self.queue_id, self._spool.prefix, self._fd, self._buffer, envelope.to_json()
         )
         self._fd = -1
         self._buffer = bytearray()
