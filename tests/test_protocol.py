@@ -243,7 +243,7 @@ class CommandTests(SessionTestCase):
 
     def test_unexpected_error_answers_451(self) -> None:
         """An exception in a handler is logged and answered 451 4.3.0; the session goes on."""
-        self.session.do_NOOP = lambda args: 1 / 0
+        self.session.verbs["NOOP"] = lambda args: 1 / 0
         self.assertEqual(self.send(b"NOOP\r\nRSET\r\n"),
                          ["451 4.3.0 Temporary server error, please try again later",
                           "250 2.0.0 Resetting"])

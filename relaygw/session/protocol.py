@@ -23,8 +23,7 @@ section 5), other unknown parameters get 555.
 
 from __future__ import annotations
 
-import ipaddress
-from typing import TYPE_CHECKING, Any, Callable, cast
+from typing import Callable, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
@@ -41,25 +40,18 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relaygw import replies
-from relaygw.accept.intake import DataDecoder, MessageIntake, Transaction
-from relaygw.auth import sasl
 from relaygw.auth.user import AuthenticatedUser
 from relaygw.config._model import Config, Connector
 from relaygw.interfaces import IConnectorSelector
 from relaygw.replies import Reply
 from relaygw.session._auth import AuthCommands
+from relaygw.session._commands import SessionCommands
+from relaygw.session._connect import admit, banner
 from relaygw.session._data import DataCommands
 from relaygw.session._envelope import EnvelopeCommands
-from relaygw.session._state import seconds as _seconds
-from relaygw.session.headers import banner_date
 from relaygw.session.limits import ConnectionCounter
-from relaygw.session.policy import Policy
-from relaygw.session.rights import session_rights
+from relaygw.session.state import SessionServices, SessionState, seconds
 from relaygw.spool.envelope import TLSInfo
-
-if TYPE_CHECKING:
-    from relaygw.connectors.selector import Selection
-    from relaygw.session.factory import SessionFactory
 
 __all__ = ["MAX_BAD_COMMANDS", "MAX_LINE", "Session"]
 
@@ -71,57 +63,41 @@ MAX_BAD_COMMANDS = 10
 #: the transport is paused.
 _MAX_PENDING = 256 * 1024
 
-
-def plain_ip(host: str) -> str:
-    """An address as shown to people: IPv4-mapped IPv6 as IPv4; other text unchanged."""
-    if ":" not in host:  # IPv4 as transports give it is already canonical
-        return host
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped)
-    return str(address)
+Handler = Callable[[str], "Reply | Deferred[Reply] | None"]
 
 
 @implementer(IHandshakeListener)
-class Session(AuthCommands, EnvelopeCommands, DataCommands, Protocol, TimeoutMixin):
+class Session(Protocol, TimeoutMixin):
     """
     One ESMTP session on the connector chosen for it at connect time.
 
-    This class has the connection, the input and output and the session
-    commands; the mixins have AUTH (L{relaygw.session._auth}), MAIL and RCPT
-    (L{relaygw.session._envelope}) and the message data
-    (L{relaygw.session._data}).
+    This class has the connection, the input and output (it is the
+    handlers' L{relaygw.session.state.Conversation}); the command handlers
+    (L{relaygw.session._commands}, L{relaygw.session._auth},
+    L{relaygw.session._envelope}, L{relaygw.session._data}) work on the
+    session's L{SessionState}.
 
-    @ivar connector: the connector, once chosen.
-    @ivar user: the authenticated user, C{None} before (or without) AUTH.
-    @ivar helo: the HELO/EHLO argument, C{None} until greeted.
-    @ivar tls: the negotiated TLS, once the handshake completed.
-    @ivar session_id: the id used in logs.
+    @ivar state: the session's state (its connector, user, HELO, TLS...).
+    @ivar verbs: the handler of each command verb.
     """
 
-    _log = Logger()
+    _log = Logger(namespace="relaygw.session")
 
     def __init__(
-        self, factory: SessionFactory, config: Config, selector: IConnectorSelector
+        self, services: SessionServices, config: Config, selector: IConnectorSelector
     ) -> None:
-        self._factory = factory
-        self._config = config
+        self._services = services
         self._selector = selector
-        self._reactor = factory.reactor
-        self.session_id = factory.session_id()
-        self.connector: Connector | None = None
-        self._policy: Policy | None = None
-        self.user: AuthenticatedUser | None = None
-        self.helo: str | None = None
-        self.tls: TLSInfo | None = None
-        self._esmtp = False
-        self._tls_active = False
-        self._txn: Transaction | None = None
-        self._intake: MessageIntake | None = None
-        self._decoder: DataDecoder | None = None
+        self._reactor = services.reactor
+        self.state = state = SessionState(services, config, services.session_id())
+        self._auth = AuthCommands(state, self)
+        self._data = DataCommands(state, self)
+        self.verbs: dict[str, Handler] = {}
+        for handler in (SessionCommands(state, self), self._auth,
+                        EnvelopeCommands(state, self), self._data):
+            for name in dir(handler):
+                if name.startswith("do_"):
+                    self.verbs[name[3:]] = getattr(handler, name)
         self._mode = "command"
         self._buf = b""
         self._out: list[bytes] = []
@@ -129,22 +105,34 @@ class Session(AuthCommands, EnvelopeCommands, DataCommands, Protocol, TimeoutMix
         self._closing = False
         self._lost = False
         self._discard_rest = False
-        self._bdat_left = 0
-        self._bdat_size = 0
-        self._bdat_last = False
-        self._bdat_refusal: Reply | None = None
         self._counter: ConnectionCounter | None = None
-        self._client_ip = ""
-        self._client_port = 0
-        self._verbose = False
-        self._sasl: sasl.Exchange | None = None
         self._waiting = False
         self._pending = b""
         self._paused = False
         self._dispatching = False
-        self._messages = 0
         self._connected_at = 0.0
         self._local = ""
+
+    @property
+    def session_id(self) -> str:
+        return self.state.session_id
+
+    @property
+    def connector(self) -> Connector | None:
+        return self.state.connector
+
+    @property
+    def tls(self) -> TLSInfo | None:
+        return self.state.tls
+
+    @property
+    def user(self) -> AuthenticatedUser | None:
+        """The authenticated user, C{None} before (or without) AUTH."""
+        return self.state.user
+
+    @user.setter
+    def user(self, user: AuthenticatedUser | None) -> None:
+        self.state.user = user
 
     # -- Twisted plumbing ---------------------------------------------------
 
@@ -155,130 +143,60 @@ class Session(AuthCommands, EnvelopeCommands, DataCommands, Protocol, TimeoutMix
     def _set_timeout(self, seconds: float | None) -> None:
         self.setTimeout(seconds)  # type: ignore[no-untyped-call]
 
-    @property
-    def _c(self) -> Connector:
-        assert self.connector is not None
-        return self.connector
-
-    def _fields(self) -> dict[str, Any]:
-        return {
-            "connector": self.connector.name if self.connector else None,
-            "session_id": self.session_id,
-            "peer": f"{self._client_ip}:{self._client_port}",
-        }
-
     def connectionMade(self) -> None:
         assert self.transport is not None
-        host, peer = self.transport.getHost(), self.transport.getPeer()
-        local_host, local_port = getattr(host, "host", ""), getattr(host, "port", 0)
-        self._client_ip = plain_ip(getattr(peer, "host", ""))
-        self._client_port = getattr(peer, "port", 0)
-        try:
-            selection = cast(
-                "Selection | None",
-                self._selector.select(local_host, local_port, getattr(peer, "host", "")),
-            )
-        except ValueError:  # not an IP transport
-            selection = None
-        if selection is None:
-            self._log.warn(
-                "connection from {peer} to {local} refused: no connector",
-                event="receive.refused", reason="no-connector",
-                local=f"{local_host}:{local_port}", **self._fields(),
-            )
-            self._mode = "closed"
-            self.transport.loseConnection()
-            return
-        connector = self.connector = selection.connector
-        self._policy = Policy(connector, self._config.accepted_domains)
-        self._verbose = connector.protocol_logging == "verbose"
-        if connector.tls == "implicit":
-            options = self._factory.tls_options(connector)
-            if options is None:
-                self._log.error(
-                    "connection from {peer} closed: connector {connector} has no usable "
-                    "certificate for implicit TLS",
-                    event="receive.refused", reason="no-certificate", **self._fields(),
-                )
-                self._mode = "closed"
-                self.transport.loseConnection()
-                return
-            cast(ITLSTransport, self.transport).startTLS(
-                cast(IOpenSSLServerConnectionCreator, options)
-            )
-            self._tls_active = True
-        counter = self._factory.connection_counter(connector)
-        if not counter.acquire(self._client_ip):
-            self._log.warn(
-                "connection from {peer} refused: connection limit of {connector}",
-                event="receive.refused", reason="connection-limit",
-                smtp_code=replies.CONNECTION_LIMIT.code, **self._fields(),
-            )
-            self._send(replies.CONNECTION_LIMIT)
+        admission = admit(self.state, self._services, self._selector, self.transport)
+        if admission.counter is None:
+            if admission.refusal is not None:
+                self._send(admission.refusal)
             self._close()
             self._flush()
             return
-        self._counter = counter
-        self._connected_at = self._reactor.seconds()
-        self._local = f"{local_host}:{local_port}"
-        if self._verbose:
-            # Otherwise the disconnect event summarises the session.
-            self._log.info(
-                "connection from {peer} accepted by connector {connector}",
-                event="receive.connect", local=self._local, **self._fields(),
-            )
-        self._set_timeout(_seconds(connector.timeouts.command.total_seconds()))
-        self._send(replies.greeting(self._banner(connector)))
+        self._counter, self._local = admission.counter, admission.local
+        self._connected_at = now = self._reactor.seconds()
+        connector = self.state.c
+        self._set_timeout(seconds(connector.timeouts.command.total_seconds()))
+        self._send(replies.greeting(banner(connector, now)))
         self._flush()
-
-    def _banner(self, connector: Connector) -> str:
-        try:
-            return connector.banner.format(
-                fqdn=connector.fqdn,
-                connector=connector.name,
-                date=banner_date(self._reactor.seconds()),
-            )
-        except (KeyError, IndexError, ValueError):
-            return connector.banner
 
     def handshakeCompleted(self) -> None:
         """Record the negotiated TLS version and cipher (pyOpenSSL connection)."""
         try:
             handle = cast(ISystemHandle, self.transport).getHandle()
-            self.tls = TLSInfo(
+            self.state.tls = TLSInfo(
                 str(handle.get_protocol_version_name()),  # type: ignore[attr-defined]
                 str(handle.get_cipher_name()),  # type: ignore[attr-defined]
             )
         except Exception:
-            self._log.failure("TLS details unavailable", **self._fields())
+            self._log.failure("TLS details unavailable", **self.state.fields())
             return
         self._log.info(
             "TLS {tls_version} {tls_cipher} negotiated with {peer}",
-            event="receive.tls", tls_version=self.tls.version, tls_cipher=self.tls.cipher,
-            **self._fields(),
+            event="receive.tls", tls_version=self.state.tls.version, tls_cipher=self.state.tls.cipher,
+            **self.state.fields(),
         )
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._lost = True
-        self._sasl, self._pending = None, b""
+        self.state.sasl, self._pending = None, b""
         self._set_timeout(None)
-        self._abort_message()
+        self.state.abort_message()
         if self._counter is not None:
-            self._counter.release(self._client_ip)
+            self._counter.release(self.state.client_ip)
             self._counter = None
             self._log.info(
                 "connection from {peer} closed after {messages} message(s), {duration:.3f} s",
-                event="receive.disconnect", local=self._local, messages=self._messages,
-                duration=self._reactor.seconds() - self._connected_at, **self._fields(),
+                event="receive.disconnect", local=self._local, messages=self.state.messages,
+                duration=self._reactor.seconds() - self._connected_at, **self.state.fields(),
             )
         self._mode = "closed"
 
     def timeoutConnection(self) -> None:
-        if self._closing or self.connector is None:
+        if self._closing or self.state.connector is None:
             return
         self._log.info("session with {peer} timed out in {mode} mode",
-                       event="receive.timeout", mode=self._mode, **self._fields())
-        self._send(replies.timeout(self._c.fqdn))
+                       event="receive.timeout", mode=self._mode, **self.state.fields())
+        self._send(replies.timeout(self.state.c.fqdn))
         self._close()
         self._flush()
 
@@ -302,13 +220,13 @@ class Session(AuthCommands, EnvelopeCommands, DataCommands, Protocol, TimeoutMix
         try:
             while data and not self._closing and not self._waiting:
                 if self._mode == "data":
-                    data = self._data_received(data)
+                    data = self._data.data_received(data)
                 elif self._mode == "bdat":
-                    data = self._bdat_received(data)
+                    data = self._data.bdat_received(data)
                 else:
                     data = self._lines_received(data)
         except Exception:
-            self._log.failure("unexpected error in session with {peer}", **self._fields())
+            self._log.failure("unexpected error in session with {peer}", **self.state.fields())
             self._send(replies.INTERNAL_ERROR)
             self._close()
         finally:
@@ -318,7 +236,7 @@ class Session(AuthCommands, EnvelopeCommands, DataCommands, Protocol, TimeoutMix
                 self._pending = data + self._pending
             self._flush()
 
-    def _await(self, answer: Deferred[Reply]) -> None:
+    def wait_for(self, answer: Deferred[Reply]) -> None:
         """
         Answer when C{answer} fires; input that arrives meanwhile waits.  The
         idle timeout stops meanwhile: it measures the client's silence, and
@@ -334,12 +252,12 @@ class Session(AuthCommands, EnvelopeCommands, DataCommands, Protocol, TimeoutMix
                 return
             if self.timeOut is None:  # unless the answer set a new one (end of DATA)
                 self._set_timeout(idle)
-            self._answer(reply)
+            self.answer(reply)
             if not self._dispatching:
                 self._drain()
 
         def failed(failure: Failure) -> None:
-            self._log.failure("unexpected error answering {peer}", failure, **self._fields())
+            self._log.failure("unexpected error answering {peer}", failure, **self.state.fields())
             done(replies.INTERNAL_ERROR)
 
         answer.addCallbacks(done, failed)
@@ -372,8 +290,8 @@ class Session(AuthCommands, EnvelopeCommands, DataCommands, Protocol, TimeoutMix
                 return b""
             line = buf[pos:end]
             pos = nl + 1
-            if self._sasl is not None:
-                self._auth_line(line)
+            if self.state.sasl is not None:
+                self._auth.line(line)
             else:
                 self._command(line)
             if self._waiting:
@@ -389,7 +307,7 @@ class Session(AuthCommands, EnvelopeCommands, DataCommands, Protocol, TimeoutMix
 
     def _line_too_long(self) -> None:
         self._log.warn("command line over {limit} octets from {peer}", limit=MAX_LINE,
-                       event="receive.protocol-error", **self._fields())
+                       event="receive.protocol-error", **self.state.fields())
         self._send(replies.LINE_TOO_LONG)
         self._close()
 
@@ -397,10 +315,8 @@ class Session(AuthCommands, EnvelopeCommands, DataCommands, Protocol, TimeoutMix
         text = line.decode("utf-8", "surrogateescape")
         verb, _, args = text.partition(" ")
         verb = verb.upper()
-        handler = None
-        if verb.isascii() and verb.isalpha():
-            handler = getattr(self, "do_" + verb, None)
-        if self._verbose:
+        handler = self.verbs.get(verb)
+        if self.state.verbose:
             # Never log AUTH payloads, nor unknown lines: a confused client's
             # next line may be its base64 password.
             if handler is None:
@@ -409,30 +325,30 @@ class Session(AuthCommands, EnvelopeCommands, DataCommands, Protocol, TimeoutMix
                 shown = f"AUTH {args.split(' ', 1)[0]} ****"
             else:
                 shown = text
-            self._log.debug("< {data}", event="receive.command", data=shown, **self._fields())
+            self._log.debug("< {data}", event="receive.command", data=shown, **self.state.fields())
         if handler is None:
-            self._answer(replies.UNRECOGNIZED)
+            self.answer(replies.UNRECOGNIZED)
             return
         try:
             reply = handler(args.strip())
         except Exception:
             self._log.failure("unexpected error handling {verb} from {peer}", verb=verb,
-                              **self._fields())
+                              **self.state.fields())
             reply = replies.INTERNAL_ERROR
         if isinstance(reply, Deferred):
-            self._await(reply)
+            self.wait_for(reply)
         elif reply is not None:
-            self._answer(reply)
+            self.answer(reply)
 
     # -- output -------------------------------------------------------------
 
-    def _answer(self, reply: Reply, close: bool = False) -> None:
+    def answer(self, reply: Reply, close: bool = False) -> None:
         """Send the reply to a command, applying the bad-command rule."""
         if reply.code >= 400 and not close:
             self._errors += 1
             if self._errors >= MAX_BAD_COMMANDS:
                 self._log.warn("too many bad commands from {peer}",
-                               event="receive.protocol-error", **self._fields())
+                               event="receive.protocol-error", **self.state.fields())
                 reply, close = replies.TOO_MANY_ERRORS, True
         elif reply.code < 400:
             self._errors = 0
@@ -442,14 +358,14 @@ class Session(AuthCommands, EnvelopeCommands, DataCommands, Protocol, TimeoutMix
 
     def _send(self, reply: Reply) -> None:
         self._out.append(bytes(reply))
-        if self._verbose:
+        if self.state.verbose:
             self._log.debug("> {data}", event="receive.reply", data=str(reply),
                             smtp_code=reply.code, enhanced_code=reply.enhanced,
-                            **self._fields())
+                            **self.state.fields())
 
     def _close(self) -> None:
         self._closing = True
-        self._abort_message()
+        self.state.abort_message()
         self._set_timeout(None)
 
     def _flush(self) -> None:
@@ -460,100 +376,28 @@ class Session(AuthCommands, EnvelopeCommands, DataCommands, Protocol, TimeoutMix
             self._mode = "closed"
             self.transport.loseConnection()
 
-    # -- session state ------------------------------------------------------
+    # -- the conversation the handlers answer through ------------------------
 
-    def _rights(self) -> frozenset[str]:
-        return session_rights(self._c, self.user)
-
-    def _abort_message(self) -> None:
-        if self._intake is not None:
-            self._intake.abort()
-            self._intake = None
-        self._decoder = None
-
-    def _reset_transaction(self) -> None:
-        self._abort_message()
-        self._txn = None
-
-    def _set_command_mode(self) -> None:
+    def command_mode(self) -> None:
         self._mode = "command"
-        self._set_timeout(_seconds(self._c.timeouts.command.total_seconds()))
+        self._set_timeout(seconds(self.state.c.timeouts.command.total_seconds()))
 
-    def _set_raw_mode(self, mode: str) -> None:
+    def raw_mode(self, mode: str) -> None:
         self._mode = mode
-        self._set_timeout(_seconds(self._c.timeouts.data.total_seconds()))
+        self._set_timeout(seconds(self.state.c.timeouts.data.total_seconds()))
 
-    def _auth_offered(self) -> bool:
-        c = self._c
-        return (
-            self._factory.portal is not None
-            and self.user is None
-            and bool(c.auth_mechanisms)
-            and (self._tls_active or c.allow_plaintext_auth)
-        )
+    def stop_idle_timeout(self) -> None:
+        self._set_timeout(None)
 
-    # -- commands -----------------------------------------------------------
+    def restart_idle_timeout(self) -> None:
+        if not self._lost and not self._closing:
+            self._set_timeout(seconds(self.state.c.timeouts.command.total_seconds()))
 
-    def do_HELO(self, args: str) -> Reply:
-        if not args:
-            return replies.SYNTAX_ERROR
-        self._reset_transaction()
-        self.helo, self._esmtp = args, False
-        return replies.helo(self._c.fqdn, self._client_ip)
-
-    def do_EHLO(self, args: str) -> Reply:
-        if not args:
-            return replies.SYNTAX_ERROR
-        self._reset_transaction()
-        self.helo, self._esmtp = args, True
-        c = self._c
-        keywords = [f"SIZE {c.max_message_size}", "PIPELINING", "8BITMIME",
-                    "ENHANCEDSTATUSCODES", "SMTPUTF8"]
-        if (c.tls == "starttls" and not self._tls_active
-                and self._factory.tls_options(c) is not None):
-            keywords.append("STARTTLS")
-        if self._auth_offered():
-            keywords.append("AUTH " + " ".join(c.auth_mechanisms))
-        keywords.append("CHUNKING")
-        return replies.ehlo(c.fqdn, self._client_ip, keywords)
-
-    def do_STARTTLS(self, args: str) -> Reply | None:
-        c = self._c
-        if self._tls_active:
-            return replies.TLS_ALREADY
-        if c.tls != "starttls":
-            return replies.UNRECOGNIZED
-        if args:
-            return replies.SYNTAX_ERROR
-        if self.helo is None:
-            return replies.NEED_HELO
-        options = self._factory.tls_options(c)
-        if options is None:
-            return replies.TLS_UNAVAILABLE
-        self._answer(replies.TLS_READY)
+    def start_tls(self, options: object) -> None:
+        self.answer(replies.TLS_READY)
         self._flush()
         # Plaintext pipelined after STARTTLS is discarded (command injection).
         self._discard_rest = True
         cast(ITLSTransport, self.transport).startTLS(
-                cast(IOpenSSLServerConnectionCreator, options)
-            )
-        self._tls_active = True
-        self._reset_transaction()
-        self.helo, self._esmtp, self.user, self._sasl = None, False, None, None
-        return None
-
-    def do_RSET(self, args: str) -> Reply:
-        self._reset_transaction()
-        return replies.RESET_OK
-
-    def do_NOOP(self, args: str) -> Reply:
-        return replies.OK
-
-    def do_QUIT(self, args: str) -> None:
-        self._answer(replies.bye(self._c.fqdn), close=True)
-
-    def do_VRFY(self, args: str) -> Reply:
-        return replies.VRFY_REFUSED
-
-    def do_HELP(self, args: str) -> Reply:
-        return replies.HELP
+            cast(IOpenSSLServerConnectionCreator, options)
+        )
