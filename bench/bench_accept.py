@@ -32,6 +32,7 @@ Exit status 1 with C{--check} when the median ratio is below C{--min-ratio}
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -39,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -152,6 +153,47 @@ def run_load(target: Target, messages: int, args: argparse.Namespace, deadline: 
     }
 
 
+class BenchFailed(Exception):
+    """A run failed; the message holds the gateway's last output."""
+
+
+@contextlib.contextmanager
+def side_by_side() -> Iterator[tuple[list[Target], RelaygwProcess]]:
+    """
+    relaygw and a private Postfix, each relaying to its own smtp-sink, in a
+    fresh directory under /tmp; everything stopped (by PID) and removed after.
+
+    @raise BenchFailed: a run inside failed (load, drain or start).
+    """
+    root = Path(tempfile.mkdtemp(prefix="relaygw-bench-", dir="/tmp"))
+    os.chmod(root, 0o755)
+    gw_port, admin, pf_port, gw_sink_port, pf_sink_port = free_ports(5)
+    gw_sink = SmtpSink(root / "gw-sink", gw_sink_port)
+    pf_sink = SmtpSink(root / "pf-sink", pf_sink_port)
+    gateway = RelaygwProcess(root / "relaygw", relaygw_config(gw_port, admin, gw_sink_port),
+                             ports=[gw_port])
+    postfix = PostfixInstance(root / "postfix", pf_port, pf_sink_port, smtpd_limit=200)
+    try:
+        gw_sink.start()
+        pf_sink.start()
+        gateway.start()
+        postfix.start()
+        assert postfix.pid is not None
+        pf_pid = postfix.pid
+        yield [
+            Target("relaygw", gw_port, gw_sink, lambda: tree_cpu_seconds(gateway.pid)),
+            Target("postfix", pf_port, pf_sink, lambda: tree_cpu_seconds(pf_pid)),
+        ], gateway
+    except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as e:
+        raise BenchFailed(f"{e}\n{gateway.output()[-3000:]}") from e
+    finally:
+        gateway.stop()
+        postfix.stop()
+        gw_sink.stop()
+        pf_sink.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -173,55 +215,31 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     deadline = time.monotonic() + args.max_seconds
-    root = Path(tempfile.mkdtemp(prefix="relaygw-bench-", dir="/tmp"))
-    os.chmod(root, 0o755)
-    gw_port, admin, pf_port, gw_sink_port, pf_sink_port = free_ports(5)
-    gw_sink = SmtpSink(root / "gw-sink", gw_sink_port)
-    pf_sink = SmtpSink(root / "pf-sink", pf_sink_port)
-    gateway = RelaygwProcess(root / "relaygw", relaygw_config(gw_port, admin, gw_sink_port),
-                             ports=[gw_port])
-    postfix = PostfixInstance(root / "postfix", pf_port, pf_sink_port, smtpd_limit=200)
+    ratios = []
     try:
-        gw_sink.start()
-        pf_sink.start()
-        gateway.start()
-        postfix.start()
-        assert postfix.pid is not None
-        pf_pid = postfix.pid
-        targets = [
-            Target("relaygw", gw_port, gw_sink, lambda: tree_cpu_seconds(gateway.pid)),
-            Target("postfix", pf_port, pf_sink, lambda: tree_cpu_seconds(pf_pid)),
-        ]
-        print(f"bench_accept: smtp-source -s {args.sessions} -l {args.size}, "
-              f"{args.rounds} rounds x {args.messages} messages, warm-up {args.warmup}; "
-              f"{os.cpu_count()} CPUs", flush=True)
-        for t in targets:
-            run_load(t, args.warmup, args, deadline)
-        ratios = []
-        for r in range(args.rounds):
-            order = targets if r % 2 == 0 else targets[::-1]
-            for t in order:
-                t.runs.append(run_load(t, args.messages, args, deadline))
-            gw, pf = targets[0].runs[-1], targets[1].runs[-1]
-            ratios.append(gw["accept_rate"] / pf["accept_rate"])
-            print(
-                f"round {r + 1}: relaygw {gw['accept_rate']:7.0f} msg/s accept "
-                f"({gw['e2e_rate']:5.0f} end-to-end, {gw['cpu_ms']:.2f} ms CPU/msg) | "
-                f"postfix {pf['accept_rate']:7.0f} msg/s accept "
-                f"({pf['e2e_rate']:5.0f} end-to-end, {pf['cpu_ms']:.2f} ms CPU/msg) | "
-                f"ratio {ratios[-1]:.2f}",
-                flush=True,
-            )
-    except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as e:
+        with side_by_side() as (targets, gateway):
+            print(f"bench_accept: smtp-source -s {args.sessions} -l {args.size}, "
+                  f"{args.rounds} rounds x {args.messages} messages, warm-up {args.warmup}; "
+                  f"{os.cpu_count()} CPUs", flush=True)
+            for t in targets:
+                run_load(t, args.warmup, args, deadline)
+            for r in range(args.rounds):
+                order = targets if r % 2 == 0 else targets[::-1]
+                for t in order:
+                    t.runs.append(run_load(t, args.messages, args, deadline))
+                gw, pf = targets[0].runs[-1], targets[1].runs[-1]
+                ratios.append(gw["accept_rate"] / pf["accept_rate"])
+                print(
+                    f"round {r + 1}: relaygw {gw['accept_rate']:7.0f} msg/s accept "
+                    f"({gw['e2e_rate']:5.0f} end-to-end, {gw['cpu_ms']:.2f} ms CPU/msg) | "
+                    f"postfix {pf['accept_rate']:7.0f} msg/s accept "
+                    f"({pf['e2e_rate']:5.0f} end-to-end, {pf['cpu_ms']:.2f} ms CPU/msg) | "
+                    f"ratio {ratios[-1]:.2f}",
+                    flush=True,
+                )
+    except BenchFailed as e:
         print(f"bench_accept: failed: {e}", file=sys.stderr)
-        print(gateway.output()[-3000:], file=sys.stderr)
         return 2
-    finally:
-        gateway.stop()
-        postfix.stop()
-        gw_sink.stop()
-        pf_sink.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
     def med(t: Target, key: str) -> float:
         return statistics.median(run[key] for run in t.runs)

@@ -55,8 +55,6 @@ from relaygw.interfaces import ISpool
 from relaygw.spool.ids import is_queue_id
 
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import IResolver
-
     from relaygw.deliver.scheduler import Scheduler
 
 __all__ = ["DeliveryProcess", "build_scheduler", "main"]
@@ -83,11 +81,15 @@ def build_scheduler(
     @return: the scheduler (not started) and a function that releases what
         it holds (the DNS resolver's timers) after the scheduler stopped.
     """
+    from relaygw.deliver.mx import make_resolver
+    from relaygw.deliver.bounce import SpoolNotifier
     from relaygw.deliver.scheduler import Scheduler
     from relaygw.deliver.targets import build_target
     from relaygw.route.router import Router
 
-    resolver = _dns_resolver(config, reactor) if any(r.via == "mx" for r in config.routes) else None
+    resolver = (
+        make_resolver(config.dns, reactor) if any(r.via == "mx" for r in config.routes) else None
+    )
     targets = {
         route.name: build_target(
             route, reactor=reactor, resolver=resolver, helo=config.gateway.hostname
@@ -101,6 +103,7 @@ def build_scheduler(
         concurrency={route.name: route.max_concurrency for route in config.routes},
         queue=config.queue,
         clock=reactor,
+        notifier=SpoolNotifier(spool, hostname=config.gateway.hostname, clock=reactor),
     )
 
     def release() -> None:
@@ -111,15 +114,6 @@ def build_scheduler(
             call.cancel()
 
     return scheduler, release
-
-
-def _dns_resolver(config: Config, reactor: IServeReactor) -> IResolver:
-    from twisted.names import client
-
-    servers = [(s.host, s.port) for s in config.dns.servers]
-    if servers:
-        return client.Resolver(servers=servers, reactor=reactor)  # type: ignore[no-untyped-call]
-    return client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)  # type: ignore[no-untyped-call]
 
 
 # -- parent side ------------------------------------------------------------
@@ -309,21 +303,26 @@ class _QueueIds(LineOnlyReceiver):
             self._done.callback(None)
 
 
-async def _run(reactor: IServeReactor, config_path: str | None) -> None:
+async def _run(reactor: IServeReactor, config: Config) -> None:
     from twisted.internet import stdio
 
-    from relaygw.config._load import load, load_default
+    from relaygw.spool.control import ControlPoller
     from relaygw.spool.store import DirectorySpool
 
-    config = load(config_path) if config_path else load_default()
     spool = DirectorySpool(config.gateway.spool_dir, reactor)
     scheduler, release = build_scheduler(config, reactor, spool)
     entries = spool.entries()
     _log.info("delivery process: {count} queued message(s)", count=len(entries))
     scheduler.start(entries)
+    # Started after the scheduler, so a pending delete beats the first attempts.
+    control = ControlPoller(
+        config.gateway.spool_dir, spool=spool, scheduler=scheduler, clock=reactor
+    )
+    control.start()
     done: Deferred[None] = Deferred()
     stdio.StandardIO(_QueueIds(scheduler, done), reactor=reactor)  # type: ignore[no-untyped-call]
     await done
+    control.stop()
     await scheduler.stop()
     release()
     _log.info("delivery process stopped")
@@ -348,11 +347,26 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from twisted.internet import task
 
+    from relaygw.config._load import load, load_default
+    from relaygw.spool.control import SpoolLock, lock_holder
+
+    config = load(args.config) if args.config else load_default()
+    # Held until this process ends: while it is, `relaygw queue` sends its
+    # changes here instead of making them, and no second delivery process
+    # (an orphan still finishing after kill -9 of the gateway) delivers too.
+    lock = SpoolLock.acquire(config.gateway.spool_dir, wait=False)
+    if lock is None:
+        _log.warn(
+            "delivery process: waiting for the spool lock (held by pid {pid})",
+            pid=lock_holder(config.gateway.spool_dir),
+        )
+        lock = SpoolLock.acquire(config.gateway.spool_dir, wait=True)
+
     def start(reactor: IServeReactor) -> Deferred[None]:
         # A terminal's Ctrl-C reaches the whole process group; the gateway
         # stops this process by closing its stdin, after its own sessions.
         reactor.callWhenRunning(signal.signal, signal.SIGINT, signal.SIG_IGN)  # type: ignore[attr-defined]
-        return Deferred.fromCoroutine(_run(reactor, args.config))
+        return Deferred.fromCoroutine(_run(reactor, config))
 
     task.react(start)
 

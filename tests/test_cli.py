@@ -250,3 +250,31 @@ def test_test_auth_wrong_password(config_file: str) -> None:
     commands.user_add(config_file, "alice", "right", [], [])
     status, text = _fired(commands.test_auth(config_file, "alice", "wrong-pw"))
     assert status == 1 and "wrong-pw" not in text
+
+
+def test_help_names_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    """`relaygw --help` names every subcommand of SPEC section 6."""
+    with pytest.raises(SystemExit) as exit:
+        run(["--help"])
+    assert exit.value.code == 0
+    listed = capsys.readouterr().out
+    for command in ("check-config", "connectors", "which-connector", "user", "test-auth",
+                    "queue", "track"):
+        assert f"\n    {command} " in listed or f"\n    {command}\n" in listed
+
+
+def test_queue_help_names_its_actions(capsys: pytest.CaptureFixture[str]) -> None:
+    """`relaygw queue --help` names list, show, retry and delete."""
+    with pytest.raises(SystemExit):
+        run(["queue", "--help"])
+    listed = capsys.readouterr().out
+    for action in ("list", "show", "retry", "delete"):
+        assert f"\n    {action} " in listed
+
+
+def test_track_is_not_available_yet(config_file: str) -> None:
+    """track is listed but says plainly that there is no tracking log yet (status 1)."""
+    out, err = io.StringIO(), io.StringIO()
+    assert run(["track", "-c", config_file, "--sender", "a@example.test"], out, err) == 1
+    assert out.getvalue() == ""
+    assert "not written yet" in err.getvalue()

@@ -510,11 +510,45 @@ def test_smarthosts_on_mx_route() -> None:
     )
 
 
+def test_mta_sts_only_on_mx_routes() -> None:
+    """tls = "mta-sts" follows a recipient domain's policy: meaningless for a smarthost."""
+    text = CONNECTOR + '[[routes]]\nname = "x"\nvia = "smarthost"\nsmarthosts = ["a"]\ntls = "mta-sts"\n'
+    assert _error(text) == (
+        'relaygw.toml: routes[0].tls: "mta-sts" is only used with via = "mx"'
+        ' (this route has via = "smarthost")'
+    )
+
+
+def test_ip_literals_only_on_mx_routes() -> None:
+    """ip_literals = true on a smarthost route is an error; on an mx route it is kept."""
+    text = CONNECTOR + '[[routes]]\nname = "x"\nvia = "smarthost"\nsmarthosts = ["a"]\nip_literals = true\n'
+    assert _error(text) == 'relaygw.toml: routes[0].ip_literals: is only used with via = "mx"'
+    config = _load(CONNECTOR + '[[routes]]\nname = "x"\nip_literals = true\n')
+    assert config.routes[0].ip_literals is True
+
+
 def test_route_auth_user_needs_password_file() -> None:
     """Outbound AUTH needs a password file."""
     text = CONNECTOR + '[[routes]]\nname = "x"\nvia = "smarthost"\nsmarthosts = ["a"]\nauth_user = "u"\n'
     assert _error(text) == (
         "relaygw.toml: routes[0].auth_password_file: auth_user is set, so a password file is needed"
+    )
+
+
+def test_route_ca_file_resolved() -> None:
+    """A route's ca_file (tls = "verify") is a path relative to the configuration file."""
+    text = CONNECTOR + '[[routes]]\nname = "x"\ntls = "verify"\nca_file = "tls/ca.pem"\n'
+    route = _load(text).routes[0]
+    assert route.ca_file == BASE_DIR / "tls" / "ca.pem"
+    assert _load(CONNECTOR + '[[routes]]\nname = "x"\ntls = "verify"\n').routes[0].ca_file is None
+
+
+def test_route_ca_file_needs_verify() -> None:
+    """ca_file on a route that does not verify certificates is an error, not ignored."""
+    text = CONNECTOR + '[[routes]]\nname = "x"\nca_file = "ca.pem"\n'
+    assert _error(text) == (
+        'relaygw.toml: routes[0].ca_file: is only used with tls = "verify" or "mta-sts"'
+        ' (this route has tls = "opportunistic")'
     )
 
 

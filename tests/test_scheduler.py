@@ -14,6 +14,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from relaygw.config._model import Queue
+from relaygw.deliver.bounce import INotifier
+from relaygw.deliver.dsn import Report
 from relaygw.deliver.scheduler import Scheduler
 from relaygw.interfaces import IDeliveryTarget, IRouter, ISpool
 from relaygw.spool.envelope import Envelope, Outcome, Recipient
@@ -68,6 +70,22 @@ class MemorySpool:
 
     def subscribe(self, callback: object) -> None:
         pass
+
+
+@implementer(INotifier)
+class RecordingNotifier:
+    """Records each DSN asked for; with C{error}, fails like a spool that cannot take it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[Report]]] = []
+        self.error: Exception | None = None
+
+    def notify(self, envelope: Envelope, reports: object) -> Deferred[Envelope | None]:
+        assert isinstance(reports, list)
+        if self.error is not None:
+            return fail(self.error)
+        self.calls.append((envelope.id, reports))
+        return succeed(None)
 
 
 @implementer(IRouter)
@@ -137,6 +155,7 @@ class SchedulerTests(SynchronousTestCase):
         self.spool = MemorySpool()
         self.local = ScriptedTarget()
         self.other = ScriptedTarget()
+        self.notifier = RecordingNotifier()
         self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
 
     def scheduler(self, concurrency: dict[str, int] | None = None, max_active: int = 100) -> Scheduler:
@@ -147,6 +166,7 @@ class SchedulerTests(SynchronousTestCase):
             concurrency=concurrency or {"local": 10, "other": 10},
             queue=Queue(),
             clock=self.clock,
+            notifier=self.notifier,
             max_active=max_active,
         )
 
@@ -418,3 +438,156 @@ class SchedulerTests(SynchronousTestCase):
         s.start([env])
         self.clock.advance(0)
         self.assertEqual(self.local.calls, [("A", ("b@local.test",))])
+
+
+class NotificationTests(SynchronousTestCase):
+    """What the scheduler asks its notifier for, and what it records afterwards."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(T0)
+        self.spool = MemorySpool()
+        self.local = ScriptedTarget()
+        self.notifier = RecordingNotifier()
+
+    def scheduler(self, queue: Queue | None = None) -> Scheduler:
+        return Scheduler(
+            spool=self.spool,
+            router=DomainRouter(),
+            targets={"local": self.local},
+            concurrency={},
+            queue=queue or Queue(),
+            clock=self.clock,
+            notifier=self.notifier,
+        )
+
+    def test_one_report_for_every_failed_recipient(self) -> None:
+        """Two recipients failing in one attempt are one notification with both, in order."""
+        other = Outcome("bounce", "554 5.7.1 refused", "h2")
+        self.local.script = {"a@local.test": [NO], "c@local.test": [other]}
+        s = self.scheduler()
+        s.enqueue(self.spool.add(envelope("A", "a@local.test", "b@local.test", "c@local.test")))
+        self.clock.advance(0)
+        [(queue_id, reports)] = self.notifier.calls
+        self.assertEqual(queue_id, "A")
+        self.assertEqual(
+            [(r.recipient, r.action, r.outcome) for r in reports],
+            [("a@local.test", "failed", NO), ("c@local.test", "failed", other)],
+        )
+        self.assertEqual(self.spool.removed, ["A"])
+
+    def test_no_notification_without_failure(self) -> None:
+        """Delivered and deferred recipients alone ask for no DSN."""
+        self.local.script = {"b@local.test": [LATER]}
+        s = self.scheduler()
+        s.enqueue(self.spool.add(envelope("A", "a@local.test", "b@local.test")))
+        self.clock.advance(0)
+        self.assertEqual(self.notifier.calls, [])
+
+    def test_expiry_is_reported_with_last_reply(self) -> None:
+        """Expired recipients are reported as failed, 5.4.7, quoting the reply that kept them."""
+        self.local.script = {"a@local.test": [LATER]}
+        s = self.scheduler()
+        old = T0 - timedelta(days=2, seconds=1).total_seconds()
+        s.enqueue(self.spool.add(envelope("A", "a@local.test", received_at=old)))
+        self.clock.advance(0)
+        [(_, [report])] = self.notifier.calls
+        self.assertEqual((report.recipient, report.action), ("a@local.test", "failed"))
+        self.assertEqual(
+            report.outcome.reply, "550 5.4.7 Delivery time expired (last reply: 451 4.3.0 later)"
+        )
+
+    def test_unspooled_dsn_keeps_recipients_queued(self) -> None:
+        """
+        When the DSN cannot be spooled, its recipients are not recorded as
+        failed: they stay queued and are tried again, so the bounce is not lost.
+        """
+        self.notifier.error = OSError("disk full")
+        self.local.script = {"a@local.test": [NO, NO], "b@local.test": [OK]}
+        s = self.scheduler()
+        s.enqueue(self.spool.add(envelope("A", "a@local.test", "b@local.test")))
+        self.clock.advance(0)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        states = [(r.address, r.state) for r in self.spool.entries["A"].recipients]
+        self.assertEqual(states, [("a@local.test", "queued"), ("b@local.test", "delivered")])
+        self.notifier.error = None
+        self.clock.advance(60)
+        self.assertEqual(self.local.calls[-1], ("A", ("a@local.test",)))
+        self.assertEqual([r.recipient for r in self.notifier.calls[0][1]], ["a@local.test"])
+        self.assertEqual(self.spool.removed, ["A"])
+
+    def test_unspooled_expiry_dsn_is_retried_later(self) -> None:
+        """An expired message whose DSN failed is not retried in a loop, but after retry[0]."""
+        self.notifier.error = OSError("disk full")
+        self.local.script = {"a@local.test": [LATER, LATER]}
+        s = self.scheduler()
+        old = T0 - timedelta(days=3).total_seconds()
+        s.enqueue(self.spool.add(envelope("A", "a@local.test", received_at=old)))
+        self.clock.advance(0)
+        self.flushLoggedErrors(OSError)
+        self.assertEqual(s.next_attempt("A"), T0 + 60)
+        self.notifier.error = None
+        self.clock.advance(60)
+        self.assertEqual(len(self.notifier.calls), 1)
+        self.assertEqual(self.spool.removed, ["A"])
+
+    def test_delay_warning_once(self) -> None:
+        """Once queued for delay_warning, one delayed report; the envelope remembers it."""
+        self.local.script = {"a@local.test": [LATER, LATER], "b@local.test": [OK]}
+        s = self.scheduler()
+        old = T0 - timedelta(hours=4).total_seconds()
+        s.enqueue(self.spool.add(envelope("A", "a@local.test", "b@local.test", received_at=old)))
+        self.clock.advance(0)
+        [(_, [report])] = self.notifier.calls
+        self.assertEqual((report.recipient, report.action, report.outcome), ("a@local.test", "delayed", LATER))
+        self.assertTrue(self.spool.entries["A"].delay_warned)
+        self.clock.advance(60)
+        self.assertEqual(len(self.local.calls), 2)
+        self.assertEqual(len(self.notifier.calls), 1)
+
+    def test_delay_warning_not_yet(self) -> None:
+        """Before delay_warning has passed, no warning; the next attempt is no later than it."""
+        queue = Queue(retry=(timedelta(hours=10),))
+        self.local.script = {"a@local.test": [LATER, LATER]}
+        s = self.scheduler(queue)
+        s.enqueue(self.spool.add(envelope("A", "a@local.test")))
+        self.clock.advance(0)
+        self.assertEqual(self.notifier.calls, [])
+        self.assertEqual(s.next_attempt("A"), T0 + 4 * 3600)
+        self.clock.advance(4 * 3600)
+        self.assertEqual([r.action for r in self.notifier.calls[0][1]], ["delayed"])
+        self.assertEqual(s.next_attempt("A"), T0 + 14 * 3600)
+
+    def test_delay_warning_disabled(self) -> None:
+        """delay_warning = "0s" sends none."""
+        self.local.script = {"a@local.test": [LATER]}
+        s = self.scheduler(Queue(delay_warning=timedelta(0)))
+        old = T0 - timedelta(hours=5).total_seconds()
+        s.enqueue(self.spool.add(envelope("A", "a@local.test", received_at=old)))
+        self.clock.advance(0)
+        self.assertEqual(self.notifier.calls, [])
+        self.assertFalse(self.spool.entries["A"].delay_warned)
+
+    def test_no_delay_warning_for_null_sender(self) -> None:
+        """A message from <> (a DSN) is never warned about."""
+        self.local.script = {"a@local.test": [LATER]}
+        s = self.scheduler()
+        old = T0 - timedelta(hours=5).total_seconds()
+        s.enqueue(self.spool.add(evolve(envelope("A", "a@local.test", received_at=old), sender="")))
+        self.clock.advance(0)
+        self.assertEqual(self.notifier.calls, [])
+
+    def test_unspooled_delay_warning_is_tried_again(self) -> None:
+        """A warning that could not be spooled is not marked sent, and goes at the next attempt."""
+        self.notifier.error = OSError("disk full")
+        self.local.script = {"a@local.test": [LATER, LATER]}
+        s = self.scheduler()
+        old = T0 - timedelta(hours=5).total_seconds()
+        s.enqueue(self.spool.add(envelope("A", "a@local.test", received_at=old)))
+        self.clock.advance(0)
+        self.flushLoggedErrors(OSError)
+        self.assertFalse(self.spool.entries["A"].delay_warned)
+        self.notifier.error = None
+        self.clock.advance(60)
+        self.assertEqual(len(self.notifier.calls), 1)
+        self.assertTrue(self.spool.entries["A"].delay_warned)

@@ -6,6 +6,7 @@ smtp-sink on loopback (real reactor).
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import socket
@@ -23,13 +24,14 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from relaygw.config._model import HostPort
 from relaygw.deliver import outcome
+from relaygw.deliver.connections import deliver_to_host
 from relaygw.deliver.smtpclient import (
+    ClientAuth,
     ClientTLS,
     ClientTimeouts,
     OutboundMessage,
     TransactionResult,
     check_tls_mode,
-    deliver_to_host,
     make_client,
 )
 
@@ -118,6 +120,20 @@ class ScriptedServer(LineReceiver):
             self.sendLine(b"502 5.5.2 what")
 
 
+def _answer_auth(server: ScriptedServer, reply: bytes) -> Any:
+    """A lineReceived for C{server} that answers AUTH with C{reply}."""
+    plain = ScriptedServer.lineReceived.__get__(server)
+
+    def received(line: bytes) -> None:
+        if line.startswith(b"AUTH"):
+            server.commands.append(line)
+            server.sendLine(reply)
+        else:
+            plain(line)
+
+    return received
+
+
 def _data_file(tmp: Path, content: bytes = b"Subject: t\r\n\r\nhello\r\n") -> Path:
     path = tmp / "msg"
     path.write_bytes(content)
@@ -142,9 +158,12 @@ class ProtocolTests(SynchronousTestCase):
         eight_bit: bool = False,
         smtputf8: bool = False,
         pump: bool = True,
+        auth: ClientAuth | None = None,
     ) -> tuple[Any, Any, IOPump]:
         path = _data_file(self.tmp, content)
-        message = OutboundMessage("s@x.test", recipients, lambda: open(path, "rb"), eight_bit, smtputf8)
+        message = OutboundMessage(
+            "s@x.test", recipients, lambda: open(path, "rb"), eight_bit, smtputf8, len(content)
+        )
         data = message.open_data()
         client, self.result = make_client(
             message,
@@ -154,6 +173,7 @@ class ProtocolTests(SynchronousTestCase):
             tls=tls,
             clock=self.clock,
             tls_options=lambda host: FakeTLS(),
+            auth=auth,
         )
         c, s, p = connectedServerAndClient(lambda: server, lambda: client, greet=False)
         if pump:
@@ -282,6 +302,72 @@ class ProtocolTests(SynchronousTestCase):
         self.run_client(server, eight_bit=True)
         self.assertIn(b"MAIL FROM:<s@x.test> BODY=8BITMIME", server.commands)
 
+    def test_8bit_content_to_a_7bit_server_bounces(self) -> None:
+        """8-bit bytes are never sent to a server without 8BITMIME: 5.6.3, before MAIL."""
+        server = ScriptedServer(ehlo=(b"250-fake", b"250 ENHANCEDSTATUSCODES"))
+        self.run_client(server, eight_bit=True, content="Subject: é\r\n\r\nçà\r\n".encode())
+        r = self.outcome_of()
+        self.assertEqual(r.outcomes["a@x.test"].reply, str(outcome.EIGHTBIT_NOT_OFFERED))
+        self.assertEqual(r.outcomes["a@x.test"].kind, "bounce")
+        self.assertFalse(any(c.startswith(b"MAIL") for c in server.commands))
+
+    def test_declared_8bitmime_but_ascii_goes_to_a_7bit_server(self) -> None:
+        """BODY=8BITMIME declared for ASCII content: sent plainly, without BODY=."""
+        server = ScriptedServer(ehlo=(b"250-fake", b"250 ENHANCEDSTATUSCODES"))
+        self.run_client(server, eight_bit=True)
+        self.assertIn(b"MAIL FROM:<s@x.test>", server.commands)
+        self.assertEqual(self.outcome_of().outcomes["a@x.test"].kind, "delivered")
+
+    PIPELINING = (b"250-fake", b"250-PIPELINING", b"250-SIZE 1000", b"250 8BITMIME")
+
+    def test_pipelined_envelope(self) -> None:
+        """With PIPELINING, MAIL, every RCPT and DATA go in one write; replies are matched in order."""
+        server = ScriptedServer(ehlo=self.PIPELINING, rcpt={b"b@x.test": b"550 5.1.1 no such user"})
+        chunks: list[bytes] = []
+        received = server.dataReceived
+        server.dataReceived = lambda data: (chunks.append(data), received(data))  # type: ignore[method-assign]
+        self.run_client(server, ("a@x.test", "b@x.test"))
+        [envelope] = [c for c in chunks if b"MAIL FROM" in c]
+        self.assertEqual(envelope.split(b"\r\n")[:-1], [
+            b"MAIL FROM:<s@x.test> SIZE=21", b"RCPT TO:<a@x.test>", b"RCPT TO:<b@x.test>", b"DATA"
+        ])
+        o = self.outcome_of().outcomes
+        self.assertEqual((o["a@x.test"].kind, o["b@x.test"].reply),
+                         ("delivered", "550 5.1.1 no such user"))
+
+    def test_pipelined_mail_refused(self) -> None:
+        """A refused MAIL decides every recipient, whatever the RCPT and DATA replies echo."""
+        server = ScriptedServer(ehlo=self.PIPELINING, mail=b"451 4.3.0 not now")
+        self.run_client(server, ("a@x.test", "b@x.test"))
+        r = self.outcome_of()
+        self.assertEqual({o.reply for o in r.outcomes.values()}, {"451 4.3.0 not now"})
+        self.assertTrue(r.failover)
+        self.assertEqual(server.body, [])  # the 354 the server gave anyway got an empty message
+
+    def test_pipelined_all_recipients_refused(self) -> None:
+        server = ScriptedServer(ehlo=self.PIPELINING, rcpt={b"a@x.test": b"550 5.1.1 no"},
+                                data=b"554 5.5.1 no valid recipients")
+        self.run_client(server)
+        r = self.outcome_of()
+        self.assertEqual(r.outcomes["a@x.test"].reply, "550 5.1.1 no")
+        self.assertFalse(r.failover)
+
+    def test_pipelined_data_refused(self) -> None:
+        """DATA refused after an accepted RCPT: the DATA reply is that recipient's outcome."""
+        server = ScriptedServer(ehlo=self.PIPELINING, data=b"451 4.3.0 disk full")
+        self.run_client(server)
+        r = self.outcome_of()
+        self.assertEqual(r.outcomes["a@x.test"].reply, "451 4.3.0 disk full")
+        self.assertFalse(r.failover)
+
+    def test_size_over_the_hosts_limit_bounces(self) -> None:
+        """A message over the host's announced SIZE is bounced (5.3.4) without MAIL."""
+        server = ScriptedServer(ehlo=self.PIPELINING)
+        self.run_client(server, content=b"Subject: big\r\n\r\n" + b"x" * 2000 + b"\r\n")
+        r = self.outcome_of()
+        self.assertEqual(r.outcomes["a@x.test"].reply, str(outcome.TOO_BIG_FOR_HOST))
+        self.assertFalse(any(c.startswith(b"MAIL") for c in server.commands))
+
     def test_smtputf8_not_offered_bounces(self) -> None:
         """A message needing SMTPUTF8 bounces (5.6.7) at a server that lacks it."""
         server = ScriptedServer()
@@ -309,12 +395,59 @@ class ProtocolTests(SynchronousTestCase):
         client, _, _ = self.run_client(server)
         self.assertEqual(client.log.str(), b"")
 
+    def test_starttls_discards_plaintext_after_220(self) -> None:
+        """Lines sent in clear behind the STARTTLS 220 are dropped (CVE-2011-0411 class)."""
+
+        class Injecting(ScriptedServer):
+            def lineReceived(self, line: bytes) -> None:
+                if line == b"STARTTLS":
+                    self.commands.append(line)
+                    self.transport.write(b"220 2.0.0 ready\r\n250-injected\r\n250 AUTH PLAIN\r\n")
+                    self.transport.startTLS(FakeTLS())
+                    self.ehlo = (b"250-fake", b"250 8BITMIME")
+                else:
+                    super().lineReceived(line)
+
+        server = Injecting(ehlo=(b"250-fake", b"250 STARTTLS"))
+        client, _, _ = self.run_client(server)
+        self.assertEqual(self.outcome_of().outcomes["a@x.test"].kind, "delivered")
+        self.assertEqual(client._extensions, frozenset({b"8BITMIME"}))
+        self.assertIn(b"QUIT", server.commands)
+
+    def test_auth_plain_over_tls_no_transcript(self) -> None:
+        """AUTH PLAIN after STARTTLS sends NUL user NUL password once; no transcript is kept."""
+        server = ScriptedServer(ehlo=(b"250-fake", b"250-AUTH LOGIN PLAIN", b"250 STARTTLS"))
+        server.lineReceived = _answer_auth(server, b"235 2.7.0 ok")  # type: ignore[method-assign]
+        client, _, _ = self.run_client(server, auth=ClientAuth("u", "pw"))
+        self.assertEqual(self.outcome_of().outcomes["a@x.test"].kind, "delivered")
+        self.assertIn(b"AUTH PLAIN " + base64.b64encode(b"\0u\0pw"), server.commands)
+        self.assertEqual(client.log.str(), b"")
+
+    def test_auth_before_tls_not_sent(self) -> None:
+        """Credentials and no TLS on the connection: no AUTH line, retry, fail over."""
+        server = ScriptedServer(ehlo=(b"250-fake", b"250 AUTH PLAIN"))
+        self.run_client(server, auth=ClientAuth("u", "pw"))
+        r = self.outcome_of()
+        self.assertEqual(r.outcomes["a@x.test"].reply, str(outcome.AUTH_NEEDS_TLS))
+        self.assertTrue(r.failover)
+        self.assertFalse(any(c.startswith(b"AUTH") for c in server.commands))
+
+    def test_auth_needs_ehlo(self) -> None:
+        """Credentials and a server without EHLO: no HELO fallback, retry."""
+        server = ScriptedServer(ehlo=(b"500 5.5.1 no EHLO",))
+        self.run_client(server, auth=ClientAuth("u", "pw"))
+        self.assertEqual(self.outcome_of().outcomes["a@x.test"].reply, str(outcome.AUTH_NOT_OFFERED))
+        self.assertFalse(any(c.startswith(b"HELO") for c in server.commands))
+
+    def test_client_auth_repr_hides_password(self) -> None:
+        """ClientAuth's repr (as in a log line or a traceback) has the user, not the password."""
+        self.assertEqual(repr(ClientAuth("u", "hunter2")), "ClientAuth(user='u')")
+
     def test_tls_modes(self) -> None:
-        """verify and mta-sts are not implemented yet; the other modes pass through."""
-        self.assertEqual(check_tls_mode("required"), "required")
-        for mode in ("verify", "mta-sts"):
-            with self.assertRaises(NotImplementedError):
-                check_tls_mode(mode)  # type: ignore[arg-type]
+        """mta-sts starts opportunistic (the MX target upgrades enforced domains); others pass through."""
+        for mode in ("off", "opportunistic", "required", "verify"):
+            self.assertEqual(check_tls_mode(mode), mode)  # type: ignore[arg-type]
+        self.assertEqual(check_tls_mode("mta-sts"), "opportunistic")
 
 
 # -- real peers on loopback ------------------------------------------------

@@ -17,12 +17,12 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
-from relaygw.config._model import HostPort, Route
+from relaygw.config._model import DNS, HostPort, Route
 from relaygw.deliver import outcome, targets
+from relaygw.deliver.mx import MXTarget, make_resolver
 from relaygw.deliver.smtpclient import ClientTimeouts
 from relaygw.deliver.targets import (
     MaildirTarget,
-    MXTarget,
     SmarthostTarget,
     build_target,
     mailbox_name,
@@ -195,25 +195,20 @@ class BuildTests(SynchronousTestCase):
             "smarthost": Route("s", via="smarthost", smarthosts=(HostPort("h", 25),)),
             "mx": Route("x", via="mx"),
         }
-        built = {k: build_target(v, reactor=r, resolver=None, helo="gw") for k, v in kinds.items()}
+        resolver = make_resolver(DNS(servers=(HostPort("127.0.0.1", 53),)), r)
+        built = {
+            k: build_target(v, reactor=r, resolver=resolver, helo="gw") for k, v in kinds.items()
+        }
         self.assertIsInstance(built["maildir"], MaildirTarget)
         self.assertIsInstance(built["smarthost"], SmarthostTarget)
         self.assertIsInstance(built["mx"], MXTarget)
         for t in built.values():
             self.assertTrue(verifyObject(IDeliveryTarget, t))
 
-    def test_mx_not_implemented_retries(self) -> None:
-        """MX delivery is the next issue: every recipient is retried with 451 4.4.3."""
-        t = MXTarget(Route("x"), reactor=MemoryReactorClock(), resolver=None, helo="gw")
-        result = self.successResultOf(t.deliver(_envelope("a@b.test"), ["a@b.test"], _opener(Path("/x"))))
-        self.assertEqual(result["a@b.test"].reply, "451 4.4.3 MX delivery not implemented yet")
-        self.assertEqual(result["a@b.test"].kind, "retry")
+    def test_mx_route_needs_a_resolver(self) -> None:
+        with self.assertRaises(ValueError):
+            build_target(Route("x"), reactor=MemoryReactorClock(), resolver=None, helo="gw")
 
-    def test_smarthost_verify_not_implemented(self) -> None:
-        """A smarthost route with tls = verify is refused at build time (next issue)."""
-        route = Route("s", via="smarthost", smarthosts=(HostPort("h", 25),), tls="verify")
-        with self.assertRaises(NotImplementedError):
-            build_target(route, reactor=MemoryReactorClock(), resolver=None, helo="gw")
 
 
 @pytest.mark.skipif(not os.path.exists(SMTP_SINK), reason=SINK_MISSING)

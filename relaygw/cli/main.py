@@ -100,7 +100,51 @@ def _parser() -> argparse.ArgumentParser:
                                  help="a group, matched by connector grants (repeatable)")
     test = with_config("test-auth", "check a password and show the user's rights")
     test.add_argument("user", metavar="USER", help="the login name")
+    _queue_parser(sub)
+    track = with_config("track", "search the message tracking log (not available yet)")
+    track.add_argument("--sender", metavar="S")
+    track.add_argument("--recipient", metavar="R")
+    track.add_argument("--message-id", metavar="M")
+    track.add_argument("--since", metavar="DURATION")
     return parser
+
+
+def _queue_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    text = "list, show, retry or delete queued messages (like mailq and postsuper)"
+    queue = sub.add_parser("queue", help=text, description=text)
+    # Also before the action; its own dest, or the action's default would override it.
+    queue.add_argument("-c", "--config", dest="queue_config", metavar="PATH",
+                       help="configuration file (default: the embedded default)")
+    actions = queue.add_subparsers(dest="queue_command", required=True, metavar="ACTION")
+    for action, help in (
+        ("list", "the queued messages and their pending recipients"),
+        ("show", "one message's envelope and headers"),
+        ("retry", "try a message (without ID: every message) at once"),
+        ("delete", "remove a message from the queue, without a bounce"),
+    ):
+        command = actions.add_parser(action, help=help, description=help)
+        command.add_argument("-c", "--config", metavar="PATH",
+                             help="configuration file (default: the embedded default)")
+        if action != "list":
+            command.add_argument("queue_id", metavar="ID", nargs="?" if action == "retry" else None,
+                                 help="the queue id (the InternalId of the 250 reply)")
+        if action in ("retry", "delete"):
+            command.add_argument("--wait", type=float, default=5.0, metavar="SECONDS",
+                                 help="how long to wait for a running delivery process"
+                                      " to carry it out (default 5)")
+
+
+def _queue(args: argparse.Namespace) -> tuple[int, str]:
+    from relaygw.cli import queue
+
+    config = args.config if args.config is not None else args.queue_config
+    if args.queue_command == "list":
+        return queue.queue_list(config)
+    if args.queue_command == "show":
+        return queue.queue_show(config, args.queue_id)
+    if args.queue_command == "retry":
+        return queue.queue_retry(config, args.queue_id, wait=args.wait)
+    return queue.queue_delete(config, args.queue_id, wait=args.wait)
 
 
 def _test_auth(config: str | None, user: str, password: str) -> tuple[int, str]:
@@ -161,8 +205,13 @@ def run(
                     status, text = _test_auth(args.config, args.user, password)
             print(text, file=out if status == 0 else err)
             return status
-        if args.command == "check-config":
-            status, text = commands.check_config(args.config)
+        if args.command in ("check-config", "queue", "track"):
+            if args.command == "check-config":
+                status, text = commands.check_config(args.config)
+            elif args.command == "queue":
+                status, text = _queue(args)
+            else:
+                status, text = 1, "relaygw track: the message tracking log is not written yet"
             print(text, file=out if status == 0 else err)
             return status
         if args.command == "connectors":

@@ -81,8 +81,8 @@ _DIRECTORY = (
     "user_filter", "address_attributes", "timeout", "cache_ttl",
 )  # fmt: skip
 _ROUTE = (
-    "name", "via", "smarthosts", "maildir", "port", "tls", "auth_user", "auth_password_file",
-    "max_concurrency",
+    "name", "via", "smarthosts", "maildir", "port", "tls", "ca_file", "auth_user",
+    "auth_password_file", "max_concurrency", "ip_literals",
 )  # fmt: skip
 
 _ROUTE_TLS: tuple[RouteTLS, ...] = ("off", "opportunistic", "required", "verify", "mta-sts")
@@ -302,6 +302,14 @@ def _route(t: Table) -> Route:
             raise t.error(
                 key, f'is only used with via = "{wanted}" (this route has via = "{via}")'
             )
+    tls = t.choice("tls", "opportunistic", _ROUTE_TLS)
+    ca_file = t.path("ca_file", None)
+    if ca_file is not None and tls not in ("verify", "mta-sts"):
+        raise t.error(
+            "ca_file", f'is only used with tls = "verify" or "mta-sts" (this route has tls = "{tls}")'
+        )
+    if tls == "mta-sts" and via != "mx":
+        raise t.error("tls", f'"mta-sts" is only used with via = "mx" (this route has via = "{via}")')
     auth_user = t.string("auth_user", "")
     auth_password_file = t.path("auth_password_file", None)
     if auth_user and via != "smarthost":
@@ -316,11 +324,20 @@ def _route(t: Table) -> Route:
         smarthosts=smarthosts,
         maildir=maildir,
         port=port,
-        tls=t.choice("tls", "opportunistic", _ROUTE_TLS),
+        tls=tls,
+        ca_file=ca_file,
         auth_user=auth_user,
         auth_password_file=auth_password_file,
         max_concurrency=t.integer("max_concurrency", 20),
+        ip_literals=_ip_literals(t, via),
     )
+
+
+def _ip_literals(t: Table, via: RouteVia) -> bool:
+    allowed = t.boolean("ip_literals", False)
+    if allowed and via != "mx":
+        raise t.error("ip_literals", 'is only used with via = "mx"')
+    return allowed
 
 
 def _positive_duration(text: str) -> timedelta:

@@ -226,7 +226,12 @@ class AcceptedDomain:
 
 @frozen
 class Route:
-    """One route (SPEC section 2, C{[[routes]]})."""
+    """
+    One route (SPEC section 2, C{[[routes]]}).
+
+    @ivar ca_file: the PEM certificates C{tls = "verify"} trusts; C{None}
+        for the system store.
+    """
 
     name: str
     via: RouteVia = "mx"
@@ -234,9 +239,12 @@ class Route:
     maildir: Path | None = None
     port: int = 25
     tls: RouteTLS = "opportunistic"
+    ca_file: Path | None = None
     auth_user: str = ""
     auth_password_file: Path | None = None
     max_concurrency: int = 20
+    #: Deliver C{user@[192.0.2.1]} to that address (C{via = "mx"} only).
+    ip_literals: bool = False
 
 
 @frozen

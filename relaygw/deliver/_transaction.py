@@ -1,6 +1,6 @@
 """
 What one outbound SMTP transaction takes and gives: the message, the TLS
-mode, the timeouts and the per-recipient result.  Plain values, re-exported by
+mode, the credentials, the timeouts and the per-recipient result.  Plain values, re-exported by
 L{relaygw.deliver.smtpclient}, which runs the transaction.
 """
 
@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from typing import BinaryIO, Callable, Literal, Sequence
 
-from attrs import frozen
+from attrs import field, frozen
 
 from relaygw.config._model import RouteTLS
 from relaygw.spool.envelope import Envelope, Outcome
 
 __all__ = [
+    "ClientAuth",
     "ClientTLS",
     "ClientTimeouts",
     "DATA_ERRORS",
@@ -24,11 +25,11 @@ __all__ = [
     "check_tls_mode",
 ]
 
-ClientTLS = Literal["off", "opportunistic", "required"]
+ClientTLS = Literal["off", "opportunistic", "required", "verify"]
 """The outbound TLS modes L{relaygw.deliver.smtpclient} implements."""
 
 TLSOptionsFactory = Callable[[str], object]
-"""Host name -> the client context factory given to C{transport.startTLS}."""
+"""Server name -> the client context factory given to C{transport.startTLS}."""
 
 DataOpener = Callable[[], BinaryIO]
 """Opens the spooled message data anew (see L{relaygw.interfaces.IDeliveryTarget.deliver})."""
@@ -39,13 +40,23 @@ DATA_ERRORS = (OSError, KeyError, ValueError)
 
 def check_tls_mode(mode: RouteTLS) -> ClientTLS:
     """
-    The client TLS mode for a route's C{tls} setting.
-
-    @raise NotImplementedError: C{"verify"} and C{"mta-sts"} (the next issue).
+    The client TLS mode for a route's C{tls} setting: C{"mta-sts"} starts
+    as C{"opportunistic"}, and a domain's enforced policy makes it
+    C{"verify"} (L{relaygw.deliver.mx}).
     """
-    if mode == "off" or mode == "opportunistic" or mode == "required":
-        return mode
-    raise NotImplementedError(f"outbound tls = {mode!r} is not implemented yet")
+    return "opportunistic" if mode == "mta-sts" else mode
+
+
+@frozen
+class ClientAuth:
+    """
+    The credentials of a smarthost route (C{auth_user} and the content of
+    C{auth_password_file}).  The password is left out of C{repr}, so a value
+    logged or shown in a traceback never carries it.
+    """
+
+    user: str
+    password: str = field(repr=False)
 
 
 @frozen
@@ -56,11 +67,15 @@ class ClientTimeouts:
     @ivar connect: for the TCP connection.
     @ivar reply: for each reply, and between data chunks being taken.
     @ivar data_done: for the reply to the final C{.}.
+    @ivar idle: how long a reusable connection waits for its next message
+        before QUIT (Postfix's C{smtp_connection_cache_time_limit} is 2 s;
+        a little longer suits a gateway whose devices send in bursts).
     """
 
     connect: float = 30.0
     reply: float = 300.0
     data_done: float = 600.0
+    idle: float = 5.0
 
 
 @frozen
@@ -74,6 +89,7 @@ class OutboundMessage:
         dot-stuffed), once per transaction.
     @ivar eight_bit: send C{BODY=8BITMIME} when the host offers it.
     @ivar smtputf8: the message needs SMTPUTF8 (RFC 6531).
+    @ivar size: the data's octets (for C{SIZE=}, RFC 1870); 0 when unknown.
     """
 
     sender: str
@@ -81,6 +97,7 @@ class OutboundMessage:
     open_data: DataOpener
     eight_bit: bool = False
     smtputf8: bool = False
+    size: int = 0
 
     @classmethod
     def of(
@@ -93,6 +110,7 @@ class OutboundMessage:
             open_data=open_data,
             eight_bit=envelope.body != "7BIT",
             smtputf8=envelope.smtputf8,
+            size=envelope.size,
         )
 
 

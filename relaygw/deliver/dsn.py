@@ -63,6 +63,7 @@ class DSN:
     @ivar data: the message, CRLF line ends.
     @ivar eight_bit: whether C{data} holds 8-bit octets (it then goes as 8BITMIME).
     @ivar smtputf8: whether an address in it needs SMTPUTF8.
+    @ivar message_id: its Message-ID header value, angle brackets included.
     """
 
     sender: str
@@ -70,6 +71,7 @@ class DSN:
     data: bytes
     eight_bit: bool
     smtputf8: bool
+    message_id: str
 
 
 def report_of(recipient: str, outcome: Outcome, delayed: bool = False) -> Report:
@@ -191,6 +193,7 @@ def build_dsn(
         "Delayed Mail (still being retried)" if delayed else "Undelivered Mail Returned to Sender"
     )
     status_type = "message/global-delivery-status" if smtputf8 else "message/delivery-status"
+    message_id = f"<{token}@{hostname}>"
     status = [
         f"Reporting-MTA: dns; {hostname}",
         f"X-Relaygw-Queue-ID: {envelope.id}",
@@ -203,7 +206,7 @@ def build_dsn(
         f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>",
         f"To: <{envelope.sender}>",
         f"Subject: {subject}",
-        f"Message-ID: <{token}@{hostname}>",
+        f"Message-ID: {message_id}",
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
         f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
@@ -236,4 +239,5 @@ def build_dsn(
         data=data,
         eight_bit=not data.isascii(),
         smtputf8=smtputf8,
+        message_id=message_id,
     )

@@ -34,15 +34,25 @@ __all__ = [
     "TIMED_OUT",
     "TLS_FAILED",
     "TLS_NOT_OFFERED",
+    "TLS_VERIFY_FAILED",
+    "AUTH_NEEDS_TLS",
+    "AUTH_NOT_OFFERED",
+    "AUTH_REFUSED",
+    "ROUTE_FILE_UNREADABLE",
     "PROTOCOL_ERROR",
     "SMTPUTF8_NOT_OFFERED",
+    "EIGHTBIT_NOT_OFFERED",
+    "TOO_BIG_FOR_HOST",
     "LOCAL_ERROR",
     "MAILBOX_WRITE_FAILED",
     "BAD_MAILBOX",
     "NULL_MX",
     "NO_SUCH_DOMAIN",
     "DNS_TEMPFAIL",
-    "MX_NOT_IMPLEMENTED",
+    "NO_EXCHANGER",
+    "NO_EXCHANGER_ADDRESS",
+    "IP_LITERAL_REFUSED",
+    "MTA_STS_NO_MATCH",
     "TARGET_FAILED",
 ]
 
@@ -68,17 +78,41 @@ TLS_FAILED = _local(451, "4.7.5", "TLS negotiation with the remote host failed")
 TLS_NOT_OFFERED = _local(
     451, "4.7.4", "The route requires TLS but the remote host does not offer STARTTLS"
 )
+# Verification and AUTH failures are retried, never bounced: they are a
+# configuration problem on one side or the other, not the recipient's.
+TLS_VERIFY_FAILED = _local(
+    451, "4.7.5", "The remote host's TLS certificate could not be verified"
+)
+AUTH_NEEDS_TLS = _local(
+    451, "4.7.10", "The route's credentials are only sent over TLS, which is not in use"
+)
+AUTH_NOT_OFFERED = _local(
+    451, "4.7.0", "The route needs AUTH but the remote host offers neither PLAIN nor LOGIN"
+)
+AUTH_REFUSED = _local(451, "4.7.8", "The remote host refused the route's credentials")
+ROUTE_FILE_UNREADABLE = _local(
+    451, "4.3.5", "A file the route needs cannot be read; see the log"
+)
 PROTOCOL_ERROR = _local(451, "4.5.0", "The remote host sent an invalid reply")
 SMTPUTF8_NOT_OFFERED = _local(
     550, "5.6.7", "The message needs SMTPUTF8 but the remote host does not offer it"
 )
+EIGHTBIT_NOT_OFFERED = _local(
+    554, "5.6.3", "The message has 8-bit content but the remote host does not offer 8BITMIME"
+)
+TOO_BIG_FOR_HOST = _local(552, "5.3.4", "The message is larger than the remote host accepts")
 LOCAL_ERROR = _local(451, "4.3.0", "Local error in processing")
 MAILBOX_WRITE_FAILED = _local(451, "4.3.0", "Could not write the message to the mailbox")
 BAD_MAILBOX = _local(550, "5.1.3", "Bad destination mailbox address syntax")
 NULL_MX = _local(556, "5.1.10", "Recipient domain does not accept mail (null MX)")
 NO_SUCH_DOMAIN = _local(550, "5.1.2", "Recipient domain does not exist")
 DNS_TEMPFAIL = _local(451, "4.4.3", "DNS lookup for the recipient domain failed")
-MX_NOT_IMPLEMENTED = _local(451, "4.4.3", "MX delivery not implemented yet")
+NO_EXCHANGER = _local(550, "5.4.4", "Recipient domain has neither MX nor address records")
+NO_EXCHANGER_ADDRESS = _local(451, "4.4.3", "No address found for any exchanger of the domain")
+MTA_STS_NO_MATCH = _local(
+    451, "4.7.5", "No exchanger of the recipient domain matches its enforced MTA-STS policy"
+)
+IP_LITERAL_REFUSED = _local(550, "5.4.4", "IP-literal recipients are not relayed by this route")
 TARGET_FAILED = _local(451, "4.3.0", "Delivery attempt failed; see the log")
 
 

@@ -13,6 +13,12 @@ each route's target once with all of that route's recipients, records the
 outcomes in the envelope, and then removes the entry (nothing queued) or
 writes it back with its next attempt time.  A failure anywhere leaves the
 entry in the spool and schedules it again: a message is never lost here.
+
+The recipients that failed (5xx) or expired in one attempt get one bounce,
+and a message still queued after C{[queue].delay_warning} gets one delay
+warning (C{delay_warned} in its envelope), through an L{INotifier}.  Each
+DSN is committed before the original's envelope changes, and is then
+scheduled like any entry.
 """
 
 from __future__ import annotations
@@ -30,8 +36,10 @@ from twisted.logger import Logger
 
 from relaygw.config._model import Queue
 from relaygw.deliver import outcome as _o
+from relaygw.deliver.bounce import INotifier
+from relaygw.deliver.dsn import Report, report_of
 from relaygw.interfaces import IDeliveryTarget, IRouter, ISpool
-from relaygw.spool.envelope import Envelope, Outcome
+from relaygw.spool.envelope import Envelope, Outcome, Recipient
 
 __all__ = ["Scheduler"]
 
@@ -65,6 +73,7 @@ class Scheduler:
         concurrency: Mapping[str, int],
         queue: Queue,
         clock: IReactorTime,
+        notifier: INotifier,
         max_active: int = 100,
         stop_timeout: float = 30.0,
     ) -> None:
@@ -75,11 +84,13 @@ class Scheduler:
         @param concurrency: route name -> deliveries at once (1 if absent).
         @param queue: the retry schedule and expiry.
         @param clock: time and C{callLater}.
+        @param notifier: spools the bounces and delay warnings.
         @param max_active: messages in flight at once.
         @param stop_timeout: seconds L{stop} waits for deliveries in flight.
         """
         self._spool = spool
         self._clock = clock
+        self._notifier = notifier
         self._max_active = max(1, max_active)
         self._stop_timeout = stop_timeout
         self._heap: list[tuple[float, int, str]] = []
@@ -162,6 +173,17 @@ class Scheduler:
     def next_attempt(self, queue_id: str) -> float | None:
         """When C{queue_id} is next tried; C{None} when it is not waiting."""
         return self._due.get(queue_id)
+
+    def forget(self, queue_id: str) -> bool:
+        """
+        Stop waiting to try C{queue_id} (an operator deletes it); the spool
+        is not touched.
+
+        @return: whether an attempt on it is in flight: its outcome may
+            schedule it again, so forget it once more after it ended.
+        """
+        self._due.pop(queue_id, None)  # its heap entries are now stale, skipped
+        return queue_id in self._active
 
     # -- the schedule -------------------------------------------------------
 
@@ -274,8 +296,7 @@ class Scheduler:
                 outcome = got.get(address, _o.local_outcome(_o.TARGET_FAILED))
                 outcomes[address] = outcome
                 self._note(envelope, address, route, outcome)
-        envelope = envelope.with_outcomes(outcomes)
-        self._finish_envelope(envelope)
+        await self._finish_envelope(envelope, outcomes)
 
     async def _deliver_route(
         self,
@@ -310,12 +331,11 @@ class Scheduler:
             return {}
         return {a: o for a, o in result.items() if isinstance(o, Outcome) and a in addresses}
 
-    def _finish_envelope(self, envelope: Envelope) -> None:
+    async def _finish_envelope(self, envelope: Envelope, outcomes: dict[str, Outcome]) -> None:
         now = self._clock.seconds()
         expire_at = envelope.received_at + self._queue.expire.total_seconds()
-        if envelope.pending and now >= expire_at:
-            expired = _o.local_outcome(_o.EXPIRED)
-            for rcpt in envelope.pending:
+        if now >= expire_at:
+            for rcpt in envelope.with_outcomes(outcomes).pending:
                 self._log.warn(
                     "EXPIRE {queue_id} {recipient}: last reply {last_reply}",
                     event_id="EXPIRE",
@@ -323,16 +343,53 @@ class Scheduler:
                     recipient=rcpt.address,
                     last_reply=rcpt.last_reply,
                 )
-            envelope = envelope.with_outcomes({r.address: expired for r in envelope.pending})
+                outcomes[rcpt.address] = _expired(rcpt.last_reply)
+        failed = [
+            report_of(r.address, outcomes[r.address])
+            for r in envelope.pending
+            if r.address in outcomes and outcomes[r.address].kind == "bounce"
+        ]
+        if failed and not await self._report(envelope, failed):
+            # Not recorded, so not lost: they stay queued, fail again, and
+            # their DSN is tried again.
+            for report in failed:
+                del outcomes[report.recipient]
+        envelope = envelope.with_outcomes(outcomes)
+        warn_at = envelope.received_at + self._queue.delay_warning.total_seconds()
+        # "0s" disables; never for <>, so a DSN is never warned about either.
+        warn = bool(self._queue.delay_warning) and not envelope.delay_warned and envelope.sender
+        if warn and envelope.pending and now >= warn_at:
+            delayed = [
+                report_of(r.address, outcomes.get(r.address) or _last(r), delayed=True)
+                for r in envelope.pending
+            ]
+            if await self._report(envelope, delayed):
+                envelope = evolve(envelope, delay_warned=True)
         if not envelope.pending:
-            # The DSN for failed recipients is the next issue.
             self._spool.remove(envelope.id)
             return
         attempts = max(r.attempts for r in envelope.pending)
         when = min(now + self._queue.retry_delay(attempts).total_seconds(), expire_at)
+        if warn and not envelope.delay_warned and warn_at > now:
+            when = min(when, warn_at)
+        if when <= now:  # expired, but its DSN could not be spooled
+            when = now + self._queue.retry_delay(1).total_seconds()
         envelope = evolve(envelope, next_attempt=when)
         self._spool.update(envelope)
         self._schedule(envelope.id, when)
+
+    async def _report(self, envelope: Envelope, reports: list[Report]) -> bool:
+        """Spool one DSN and schedule it; whether that worked (C{False} is logged)."""
+        try:
+            notice = await self._notifier.notify(envelope, reports)
+        except Exception:
+            self._log.failure(
+                "Could not spool the DSN for {queue_id}; trying again later", queue_id=envelope.id
+            )
+            return False
+        if notice is not None:
+            self.enqueue(notice)
+        return True
 
     def _note(self, envelope: Envelope, address: str, route: str, outcome: Outcome) -> None:
         code, enhanced = _codes(outcome.reply)
@@ -360,3 +417,14 @@ class Scheduler:
             self._log.warn(
                 "FAIL {queue_id} {recipient} via {route}: {reply}", event_id="FAIL", **fields
             )
+
+
+def _last(rcpt: Recipient) -> Outcome:
+    """The outcome a recipient's C{last_reply} stands for (it was not tried this time)."""
+    return Outcome("retry", rcpt.last_reply or str(_o.TARGET_FAILED))
+
+
+def _expired(last_reply: str) -> Outcome:
+    """The outcome of an expired recipient: 5.4.7, with the reply that kept it queued."""
+    text = str(_o.EXPIRED) + (f" (last reply: {last_reply})" if last_reply else "")
+    return Outcome("bounce", text[: _o.MAX_REPLY_CHARS])

@@ -1,6 +1,9 @@
 """
-One SMTP transaction to one host (SPEC section 4), over twisted.mail's
-C{ESMTPClient} (DESIGN habit 14: the client side is sound to subclass).
+The SMTP client protocol (SPEC section 4), over twisted.mail's
+C{ESMTPClient} (DESIGN habit 14: the client side is sound to subclass):
+transactions on one connection, in turn.  Connecting, and reusing
+connections, is L{relaygw.deliver.connections}; TLS trust is
+L{relaygw.deliver.tlspolicy}.
 
 This is the only send-side importer of C{twisted.mail.smtp}, and a typed
 adapter: what leaves it is a L{TransactionResult} of L{Outcome} values.
@@ -12,39 +15,47 @@ here ever renders such an error (DESIGN habit 7).
 
 Outbound TLS (C{route.tls}): C{"off"} never sends STARTTLS;
 C{"opportunistic"} sends it when offered and does not verify the
-certificate; C{"required"} fails the attempt (retry) when the host does not
-offer it.  C{"verify"} and C{"mta-sts"} are the next issue:
-L{check_tls_mode} raises L{NotImplementedError} for them.
+certificate, and when the handshake fails (or STARTTLS is refused) it tries
+the same host once more in clear, as Postfix does; C{"required"} fails the
+attempt (retry) when the host does not offer STARTTLS; C{"verify"} also
+checks the certificate with service-identity against the server name
+(L{verified_tls_options}), and a certificate that does not verify is a
+retry.  C{"mta-sts"} is C{"opportunistic"} or, for a domain with an
+enforced policy, C{"verify"} (L{relaygw.deliver.mx}).
+
+SMTP AUTH (a L{ClientAuth}, from a smarthost route's C{auth_user}): PLAIN
+when offered, else LOGIN, and only over TLS; without TLS, or when the host
+offers neither, the credentials are not sent and the attempt is retried.
+A refusal of the credentials is retried too, whatever its class (a bad
+password must not bounce mail), and logged as an error.
 
 The values a transaction takes and gives (L{OutboundMessage},
 L{TransactionResult}, ...) live in L{relaygw.deliver._transaction} and are
 re-exported here.
-
-SMTP AUTH towards a smarthost (C{route.auth_user}) is the next issue too; the
-seam is L{_RelayClient.__init__}'s C{secret} and C{registerAuthenticator}.
 """
 
 from __future__ import annotations
 
-import ipaddress
-from typing import BinaryIO, Literal
+import base64
+import functools
+from typing import BinaryIO, Callable, Literal
 
+from attrs import evolve
 from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IAddress, IReactorTime, IStreamClientEndpoint
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
 
-from relaygw._types import IServeReactor
-from relaygw.config._model import HostPort
 from relaygw.deliver import outcome as _o
 from relaygw.deliver._transaction import (
     DATA_ERRORS,
+    ClientAuth,
     ClientTimeouts,
     ClientTLS,
     DataOpener,
@@ -53,10 +64,19 @@ from relaygw.deliver._transaction import (
     TransactionResult,
     check_tls_mode,
 )
+from relaygw.deliver.tlspolicy import (
+    SYSTEM_TRUST,
+    load_ca_file,
+    tls_failure_reason,
+    tls_options_for,
+    unverified_tls_options,
+    verified_tls_options,
+)
 from relaygw.replies import Reply
 from relaygw.spool.envelope import Outcome
 
 __all__ = [
+    "ClientAuth",
     "ClientTLS",
     "ClientTimeouts",
     "DATA_ERRORS",
@@ -66,25 +86,46 @@ __all__ = [
     "TLSOptionsFactory",
     "check_tls_mode",
     "unverified_tls_options",
+    "verified_tls_options",
+    "load_ca_file",
+    "tls_options_for",
+    "RelayClient",
     "make_client",
-    "deliver_to_host",
+    "new_client",
 ]
 
-_Stage = Literal["connect", "greeting", "ehlo", "tls", "mail", "rcpt", "data", "done"]
-_BEFORE_TRANSACTION = frozenset({"connect", "greeting", "ehlo", "tls", "mail"})
-
+_Stage = Literal["connect", "greeting", "ehlo", "tls", "auth", "mail", "rcpt", "data", "done"]
+_BEFORE_TRANSACTION = frozenset({"connect", "greeting", "ehlo", "tls", "auth", "mail"})
 _log = Logger()
+#: Every reply code: the pipelined replies are told apart by their order.
+_ANY_REPLY = list(range(1000))
 
 
-def unverified_tls_options(host: str) -> object:
-    """Client TLS for opportunistic and required modes: encryption, no verification."""
-    return ssl.CertificateOptions()
+def _is_ascii(data: BinaryIO, chunk: int = 64 * 1024) -> bool:
+    """Whether the message data is 7-bit (many clients declare 8BITMIME for ASCII mail)."""
+    try:
+        data.seek(0)
+        while block := data.read(chunk):
+            if not block.isascii():
+                return False
+        return True
+    finally:
+        data.seek(0)
 
 
-class _RelayClient(smtp.ESMTPClient):  # type: ignore[misc]
+class RelayClient(smtp.ESMTPClient):  # type: ignore[misc]
     """
-    One transaction, then QUIT.  The result fires once: after the final
-    reply of the transaction, or when the connection ends before it.
+    One connection: a transaction, then QUIT, or, when C{on_idle} is set,
+    RSET and a wait for the next message (L{offer}) for up to
+    C{timeouts.idle} seconds.  Each transaction's result fires once: after its final
+    reply, or when the connection ends before it.
+
+    @ivar tls_failed: the STARTTLS handshake failed or STARTTLS was refused
+        (L{deliver_to_host} may then try again in clear).
+    @ivar on_idle: called when the connection is ready for another message;
+        C{None}: QUIT after the first.
+    @ivar on_gone: called when the connection has ended.
+    @ivar transactions: transactions begun on this connection.
     """
 
     debug = False
@@ -96,31 +137,83 @@ class _RelayClient(smtp.ESMTPClient):  # type: ignore[misc]
         data: BinaryIO,
         *,
         host: str,
+        server_name: str,
         helo: str,
         tls: ClientTLS,
         tls_options: TLSOptionsFactory,
+        auth: ClientAuth | None,
         clock: IReactorTime,
         timeouts: ClientTimeouts,
-        result: Deferred[TransactionResult],
     ) -> None:
-        context = None if tls == "off" else tls_options(host.rsplit(":", 1)[0])
-        # The next issue passes the smarthost secret here and registers
-        # authenticators; until then no AUTH is attempted.
+        context = None if tls == "off" else tls_options(server_name)
+        if tls == "verify" and isinstance(context, ssl.CertificateOptions) and not context.verify:
+            # A caller passing on its unverified default must not turn
+            # verify into encryption without authentication.
+            context = SYSTEM_TRUST(server_name)
+        # No secret for twisted.mail: L{authenticate} runs the exchange itself.
         super().__init__(None, context, helo.encode("ascii", "ignore") or b"localhost")
-        self.requireTransportSecurity = tls == "required"
+        self.requireTransportSecurity = tls in ("required", "verify")
+        # Without EHLO there is no AUTH: no HELO fallback then.
+        self.requireAuthentication = auth is not None
         self.timeout = timeouts.reply
         self.callLater = clock.callLater
+        self.tls_failed = False
+        self.on_idle: Callable[[RelayClient], None] | None = None
+        self.on_gone: Callable[[RelayClient], None] | None = None
+        self.transactions = 0
+        self.connected_at = clock.seconds()
+        self._clock = clock
+        self._idle = False
+        self._resetting = False
+        self._queued = False
+        self._host = host
+        self._server_name = server_name
+        self._tls = tls
+        self._auth = auth
+        self._timeouts = timeouts
+        self._extensions: frozenset[bytes] = frozenset()
+        self._auth_offered: frozenset[bytes] = frozenset()
+        self._tls_pending = False
+        self._size_limit = 0
+        self._stage: _Stage = "connect"
+        self._begin(message, data)
+        self._stage = "connect"
+
+    def _begin(self, message: OutboundMessage, data: BinaryIO) -> None:
+        """The state of one transaction, fresh."""
+        self.result: Deferred[TransactionResult] = Deferred()
+        self.transactions += 1
         self._message = message
         self._data = data
-        self._host = host
-        self._timeouts = timeouts
-        self._result = result
-        self._stage: _Stage = "connect"
-        self._extensions: frozenset[bytes] = frozenset()
+        self._stage = "mail"
         self._mail_sent = False
         self._error: Outcome | None = None
         self._line_start = True
         self._pending_cr = False
+        self.toAddressesResult: list[tuple[str, int, bytes]] = []
+        self.successAddresses: list[str] = []
+        self.lastAddress = None
+
+    @property
+    def idle(self) -> bool:
+        """Free for a message: waiting on an open connection, or resetting for one."""
+        return self._idle or (self._resetting and not self._queued)
+
+    def offer(self, message: OutboundMessage, data: BinaryIO) -> Deferred[TransactionResult]:
+        """Run a transaction for C{message} on this connection, once free (L{idle})."""
+        if not self.idle:
+            raise RuntimeError("the connection is not free")
+        self._begin(message, data)
+        if self._resetting:
+            self._queued = True  # MAIL follows the reply to RSET
+        else:
+            self._next()
+        return self.result
+
+    def _next(self) -> None:
+        self._idle = False
+        self.setTimeout(self._timeouts.reply)
+        self.smtpState_from(250, b"")
 
     # -- results ------------------------------------------------------------
 
@@ -128,7 +221,10 @@ class _RelayClient(smtp.ESMTPClient):  # type: ignore[misc]
         if self._stage == "done":
             return
         self._stage = "done"
-        self._result.callback(TransactionResult(self._host, outcomes, failover))
+        self._data.close()
+        if self._auth is not None:
+            outcomes = {r: evolve(o, reply=self._scrub(o.reply)) for r, o in outcomes.items()}
+        self.result.callback(TransactionResult(self._host, outcomes, failover))
 
     def _fire_error(self, error: Outcome) -> None:
         failover = self._stage in _BEFORE_TRANSACTION
@@ -145,9 +241,17 @@ class _RelayClient(smtp.ESMTPClient):  # type: ignore[misc]
         if self._error is None:
             self._error = _o.local_outcome(reply, self._host)
 
+    def _give_up(self, error: Outcome) -> None:
+        """End the attempt before the transaction with C{error}: record it, QUIT."""
+        if self._error is None:
+            self._error = error
+        self._disconnectFromServer()
+
     def _error_outcome(self, exc: object) -> Outcome:
         if isinstance(exc, smtp.SMTPTimeoutError):
             return _o.local_outcome(_o.TIMED_OUT, self._host)
+        if isinstance(exc, smtp.EHLORequiredError) and self._auth is not None:
+            return _o.local_outcome(_o.AUTH_NOT_OFFERED, self._host)
         if isinstance(exc, (smtp.TLSRequiredError, smtp.EHLORequiredError)):
             return _o.local_outcome(_o.TLS_NOT_OFFERED, self._host)
         if isinstance(exc, smtp.TLSError):
@@ -164,19 +268,56 @@ class _RelayClient(smtp.ESMTPClient):  # type: ignore[misc]
             return _o.failure_outcome(exc, self._host)
         return _o.local_outcome(_o.LOCAL_ERROR, self._host)
 
+    def _handshake_failed(self, exc: object) -> Outcome:
+        self.tls_failed = True
+        reason = tls_failure_reason(exc, self._server_name)
+        unverified = isinstance(exc, VerificationError) or (
+            isinstance(exc, SSL.Error) and "certificate" in reason
+        )
+        if self._tls == "verify" and unverified:
+            _log.warn(
+                "TLS certificate of {host} not verified for {server_name}: {reason}",
+                host=self._host,
+                server_name=self._server_name,
+                reason=reason,
+            )
+            return _o.local_outcome(_o.TLS_VERIFY_FAILED, self._host)
+        _log.warn(
+            "TLS handshake with {host} failed: {reason}",
+            host=self._host,
+            server_name=self._server_name,
+            reason=reason,
+        )
+        return _o.local_outcome(_o.TLS_FAILED, self._host)
+
     # -- twisted.mail hooks ---------------------------------------------------
 
     def connectionMade(self) -> None:
         self._stage = "greeting"
+        # The final "." follows the last data chunk at once: with Nagle's
+        # algorithm it would wait for the server's delayed ACK (40 ms).
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
         super().connectionMade()
+
+    def lineReceived(self, line: bytes) -> object:
+        # TLS hands over no line before its handshake is complete.
+        self._tls_pending = False
+        return super().lineReceived(line)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
+        self._idle = self._resetting = False
+        if self.on_gone is not None:
+            self.on_gone(self)
         self._data.close()
         if self._stage == "done":
             return
         if self._error is not None:
             error = self._error
+        elif self._tls_pending:
+            error = self._handshake_failed(reason.value)
         elif isinstance(reason.value, SSL.Error):
             error = _o.local_outcome(_o.TLS_FAILED, self._host)
         elif isinstance(reason.value, ConnectionDone):
@@ -186,8 +327,18 @@ class _RelayClient(smtp.ESMTPClient):  # type: ignore[misc]
         self._fire_error(error)
 
     def timeoutConnection(self) -> None:
+        if self._idle:
+            self.close_idle()
+            return
         self._record(_o.TIMED_OUT)
         self.transport.abortConnection()
+
+    def close_idle(self) -> None:
+        """QUIT an idle connection (one resetting QUITs after its RSET, see L{on_idle})."""
+        if self._idle:
+            self._idle = False
+            self.setTimeout(self._timeouts.reply)
+            self._disconnectFromServer()
 
     def sendError(self, exc: object) -> None:
         if self._error is None:
@@ -199,14 +350,115 @@ class _RelayClient(smtp.ESMTPClient):  # type: ignore[misc]
         super().esmtpState_ehlo(code, resp)
 
     def esmtpState_serverConfig(self, code: int, resp: bytes) -> None:
-        self._extensions = frozenset(
-            line.split(None, 1)[0].upper() for line in resp.splitlines()[1:] if line.strip()
-        )
+        keywords = [line.split(None, 1) for line in resp.splitlines()[1:] if line.strip()]
+        self._extensions = frozenset(k[0].upper() for k in keywords)
+        offered: set[bytes] = set()
+        for k in keywords:
+            word = k[0].upper()
+            # "AUTH=PLAIN LOGIN" is the pre-RFC 2554 spelling some servers add.
+            if word == b"AUTH" or word.startswith(b"AUTH="):
+                offered.update(word[5:].split(), *(rest.upper().split() for rest in k[1:]))
+        self._auth_offered = frozenset(offered)
+        self._size_limit = 0
+        for k in keywords:
+            if k[0].upper() == b"SIZE" and len(k) > 1 and k[1].strip().isdigit():
+                self._size_limit = int(k[1].strip())  # 0: no fixed limit (RFC 1870)
         super().esmtpState_serverConfig(code, resp)
 
     def esmtpState_starttls(self, code: int, resp: bytes) -> None:
         self._stage = "tls"
+        # Bytes after the 220 arrived in clear: a man in the middle's
+        # injection (CVE-2011-0411), never the server's reply.
+        self.clearLineBuffer()
+        self._tls_pending = True
         super().esmtpState_starttls(code, resp)
+
+    def esmtpTLSFailed(self, code: int = -1, resp: bytes | None = None) -> None:
+        self.tls_failed = True
+        _log.warn(
+            "STARTTLS with {host} failed: {smtp_code}",
+            host=self._host,
+            server_name=self._server_name,
+            smtp_code=code,
+        )
+        super().esmtpTLSFailed(code, resp)
+
+    def authenticate(self, code: int, resp: bytes, items: object) -> None:
+        """Replaces twisted.mail's AUTH: PLAIN before LOGIN, only over TLS."""
+        if self._auth is None:
+            self.smtpState_from(code, resp)
+            return
+        self._stage = "auth"
+        if not self._tlsMode:
+            _log.error(
+                "Not sending the route's credentials to {host} without TLS",
+                host=self._host,
+            )
+            self._give_up(_o.local_outcome(_o.AUTH_NEEDS_TLS, self._host))
+            return
+        self._failresponse = self._auth_refused
+        if b"PLAIN" in self._auth_offered:
+            # RFC 4616: empty authorization identity, then user and password.
+            self._expected = [235]
+            self._okresponse = self.smtpState_from
+            self.sendLine(b"AUTH PLAIN " + self._b64(b"\0%s\0%s" % self._credentials()))
+        elif b"LOGIN" in self._auth_offered:
+            self._expected = [334]
+            self._okresponse = self._login_user
+            self.sendLine(b"AUTH LOGIN")
+        else:
+            _log.error(
+                "{host} offers neither AUTH PLAIN nor LOGIN; the route needs AUTH",
+                host=self._host,
+            )
+            self._give_up(_o.local_outcome(_o.AUTH_NOT_OFFERED, self._host))
+
+    def _credentials(self) -> tuple[bytes, bytes]:
+        assert self._auth is not None
+        return self._auth.user.encode("utf-8"), self._auth.password.encode("utf-8")
+
+    @staticmethod
+    def _b64(data: bytes) -> bytes:
+        return base64.b64encode(data)
+
+    def _login_user(self, code: int, resp: bytes) -> None:
+        self._okresponse = self._login_password
+        self.sendLine(self._b64(self._credentials()[0]))
+
+    def _login_password(self, code: int, resp: bytes) -> None:
+        self._expected = [235]
+        self._okresponse = self.smtpState_from
+        self.sendLine(self._b64(self._credentials()[1]))
+
+    def _auth_refused(self, code: int, resp: bytes) -> None:
+        seen = _o.reply_outcome(code, resp, self._host)
+        reply = self._scrub(seen.reply)
+        if 500 <= code < 600:
+            # A 5xx here is the route's configuration, not the message's:
+            # retried so that a bad password bounces nothing.
+            _log.error(
+                "{host} refused the route's credentials: {reply}",
+                host=self._host,
+                smtp_code=code,
+                reply=reply,
+            )
+            self._give_up(Outcome("retry", f"{_o.AUTH_REFUSED} ({reply})", self._host))
+            return
+        _log.warn("{host} deferred AUTH: {reply}", host=self._host, smtp_code=code, reply=reply)
+        self._give_up(Outcome("retry", reply, self._host))
+
+    def _scrub(self, text: str) -> str:
+        """C{text} without the password, plain or in its base64 wire forms."""
+        if self._auth is None or not self._auth.password:
+            return text
+        user, password = self._credentials()
+        for secret in (
+            password,
+            self._b64(password),
+            self._b64(b"\0%s\0%s" % (user, password)),
+        ):
+            text = text.replace(secret.decode("utf-8", "replace"), "***")
+        return text
 
     def smtpState_helo(self, code: int, resp: bytes) -> None:
         super().smtpState_helo(code, resp)
@@ -215,9 +467,7 @@ class _RelayClient(smtp.ESMTPClient):  # type: ignore[misc]
 
     def _refused_before_mail(self, code: int, resp: bytes) -> None:
         seen = _o.reply_outcome(code, resp, self._host)
-        if self._error is None:
-            self._error = Outcome("retry", seen.reply, self._host)
-        self._disconnectFromServer()
+        self._give_up(Outcome("retry", seen.reply, self._host))
 
     def smtpState_from(self, code: int, resp: bytes) -> None:
         if self._mail_sent:
@@ -231,16 +481,87 @@ class _RelayClient(smtp.ESMTPClient):  # type: ignore[misc]
             self._fire({r: bounce for r in self._message.recipients}, failover=False)
             self._disconnectFromServer()
             return
+        eight_bit = self._message.eight_bit
+        if eight_bit and b"8BITMIME" not in self._extensions and not _is_ascii(self._data):
+            # RFC 6152 section 3: no 8-bit data to a server without 8BITMIME;
+            # relaygw bounces rather than rewriting MIME parts it relays.
+            self._refuse(_o.EIGHTBIT_NOT_OFFERED)
+            return
+        size = self._message.size
+        if self._size_limit and size > self._size_limit:
+            self._refuse(_o.TOO_BIG_FOR_HOST)
+            return
         line = b"MAIL FROM:<" + self._message.sender.encode("utf-8") + b">"
-        if self._message.eight_bit and b"8BITMIME" in self._extensions:
+        if size and b"SIZE" in self._extensions:
+            line += b" SIZE=%d" % size
+        if eight_bit and b"8BITMIME" in self._extensions:
             line += b" BODY=8BITMIME"
         if self._message.smtputf8:
             line += b" SMTPUTF8"
         self._from = self._message.sender
         self._failresponse = self.smtpTransferFailed
+        if b"PIPELINING" in self._extensions:
+            self._pipeline(line)
+            return
         self._expected = [250]
         self._okresponse = self.smtpState_to
         self.sendLine(line)
+
+    def _refuse(self, reason: Reply) -> None:
+        """Bounce every recipient before MAIL: this host can never take the message."""
+        bounce = _o.local_outcome(reason, self._host)
+        self._fire({r: bounce for r in self._message.recipients}, failover=False)
+        self._disconnectFromServer()
+
+    # -- PIPELINING (RFC 2920): MAIL, every RCPT and DATA in one write -------
+
+    def _pipeline(self, mail: bytes) -> None:
+        recipients = self._message.recipients
+        self._awaiting: list[str | None] = [None, *recipients, None]  # MAIL, RCPTs, DATA
+        self._mail_reply = (0, b"")
+        self._expected = _ANY_REPLY
+        self._okresponse = self._pipelined_reply
+        self.sendLine(mail)
+        for rcpt in recipients:
+            self.sendLine(b"RCPT TO:<" + rcpt.encode("utf-8") + b">")
+        self.sendLine(b"DATA")
+
+    def _pipelined_reply(self, code: int, resp: bytes) -> None:
+        awaiting = self._awaiting.pop(0)
+        if not self._mail_reply[0]:
+            self._mail_reply = (code, resp)
+            if code in smtp.SUCCESS:
+                self._stage = "rcpt"
+        elif self._awaiting:
+            assert awaiting is not None
+            self.toAddressesResult.append((awaiting, code, resp))
+            if code in smtp.SUCCESS:
+                self.successAddresses.append(awaiting)
+        else:
+            self._pipelined_data(code, resp)
+
+    def _pipelined_data(self, code: int, resp: bytes) -> None:
+        mail_code, mail_resp = self._mail_reply
+        if code == 354 and mail_code in smtp.SUCCESS and self.successAddresses:
+            self._stage = "data"
+            self._expected = smtp.SUCCESS
+            self._failresponse = self.smtpTransferFailed
+            self.smtpState_data(code, resp)
+            return
+        if mail_code not in smtp.SUCCESS:
+            # The RCPT and DATA replies only echo the refused MAIL.
+            finish = functools.partial(self.smtpState_msgSent, mail_code, mail_resp)
+        elif self.successAddresses:
+            self._stage = "data"  # DATA refused: its reply is the accepted recipients'
+            finish = functools.partial(self.smtpState_msgSent, code, resp)
+        else:
+            finish = functools.partial(self.smtpState_msgSent, -1, b"")  # RCPT replies decide
+        if code != 354:
+            finish()
+            return
+        # A server in DATA mode without a valid recipient: an empty message ends it.
+        self.sendLine(b".")
+        self._okresponse = self._failresponse = lambda code, resp: finish()
 
     def smtpState_to(self, code: int, resp: bytes) -> None:
         self._stage = "rcpt"
@@ -268,10 +589,40 @@ class _RelayClient(smtp.ESMTPClient):  # type: ignore[misc]
         super().smtpState_data(code, resp)
 
     def smtpState_msgSent(self, code: int, resp: bytes) -> None:
-        if self._from is not None:
-            self._transaction_done(code, resp)
+        done = self._from is not None
         self._from = None
-        # One transaction per connection: QUIT rather than twisted.mail's RSET loop.
+        if self.on_idle is None:
+            if done:
+                self._transaction_done(code, resp)
+            self._disconnectFromServer()
+            return
+        # RSET before the next message (RFC 5321 4.1.1.5): the server's state
+        # is clean whatever this transaction left.
+        self.sendLine(b"RSET")
+        self._expected = [250]
+        self._okresponse = self._reset_done
+        self._failresponse = self._reset_failed
+        # Listed before the result fires: the next message, often handed
+        # over by the result's own callbacks, saves a wait and a connection.
+        self._resetting = True
+        self.on_idle(self)
+        if done:
+            self._transaction_done(code, resp)
+
+    def _reset_done(self, code: int, resp: bytes) -> None:
+        self._resetting = False
+        if self._queued:
+            self._queued = False
+            self._next()
+            return
+        if self.on_idle is None:  # the cache let go of it meanwhile
+            self._disconnectFromServer()
+            return
+        self._idle = True
+        self.setTimeout(self._timeouts.idle)
+
+    def _reset_failed(self, code: int, resp: bytes) -> None:
+        self._resetting = False
         self._disconnectFromServer()
 
     def _transaction_done(self, code: int, resp: bytes) -> None:
@@ -329,6 +680,11 @@ class _RelayClient(smtp.ESMTPClient):  # type: ignore[misc]
         self.setTimeout(self._timeouts.data_done)
 
 
+def _name_of(host: str) -> str:
+    """The host part of C{host:port} or C{[v6]:port}."""
+    return host.rsplit(":", 1)[0].strip("[]")
+
+
 def make_client(
     message: OutboundMessage,
     data: BinaryIO,
@@ -338,7 +694,9 @@ def make_client(
     tls: ClientTLS,
     clock: IReactorTime,
     timeouts: ClientTimeouts = ClientTimeouts(),
-    tls_options: TLSOptionsFactory = unverified_tls_options,
+    tls_options: TLSOptionsFactory | None = None,
+    server_name: str | None = None,
+    auth: ClientAuth | None = None,
 ) -> tuple[Protocol, Deferred[TransactionResult]]:
     """
     A client protocol for one transaction, not yet connected.
@@ -346,107 +704,48 @@ def make_client(
     @param message: what to send.
     @param data: the open message data; the protocol closes it when its
         connection ends.
-    @param host: the peer as C{host:port}, for outcomes and the TLS context.
+    @param host: the peer as C{host:port}, for outcomes.
     @param helo: the name sent with EHLO / HELO.
     @param tls: the outbound TLS mode (see L{check_tls_mode}).
     @param clock: drives the reply timeouts.
+    @param tls_options: server name -> TLS options; C{None} picks by mode
+        (L{unverified_tls_options}, or for C{"verify"} the system store).
+    @param server_name: the name for SNI and certificate verification;
+        C{None} for the host part of C{host}.
+    @param auth: credentials to send (over TLS only), or C{None}.
     @return: the protocol and a Deferred firing with the L{TransactionResult}
         (never failing).
     """
-    result: Deferred[TransactionResult] = Deferred()
-    client = _RelayClient(
+    client = new_client(
+        message, data, host, helo, tls, clock, timeouts, tls_options, server_name, auth
+    )
+    proto: Protocol = client
+    return proto, client.result
+
+
+def new_client(
+    message: OutboundMessage,
+    data: BinaryIO,
+    host: str,
+    helo: str,
+    tls: ClientTLS,
+    clock: IReactorTime,
+    timeouts: ClientTimeouts,
+    tls_options: TLSOptionsFactory | None,
+    server_name: str | None,
+    auth: ClientAuth | None,
+) -> RelayClient:
+    if tls_options is None:
+        tls_options = SYSTEM_TRUST if tls == "verify" else unverified_tls_options
+    return RelayClient(
         message,
         data,
         host=host,
+        server_name=server_name or _name_of(host),
         helo=helo,
         tls=tls,
         tls_options=tls_options,
+        auth=auth,
         clock=clock,
         timeouts=timeouts,
-        result=result,
     )
-    proto: Protocol = client
-    return proto, result
-
-
-class _OneShot(Factory):
-    """
-    Hands out one prepared protocol.  Unlike C{connectProtocol}'s factory it
-    is built once per connection without defining a class, and it is quiet:
-    no "Starting factory" event per delivery.
-    """
-
-    noisy = False
-
-    def __init__(self, protocol: Protocol) -> None:
-        self._protocol = protocol
-
-    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
-        return self._protocol
-
-
-def _endpoint(reactor: IServeReactor, host: HostPort, timeout: float) -> IStreamClientEndpoint:
-    # An IP literal needs no name resolution: HostnameEndpoint would still go
-    # through its resolver machinery per connection.
-    try:
-        version = ipaddress.ip_address(host.host).version
-    except ValueError:
-        return HostnameEndpoint(reactor, host.host, host.port, timeout=timeout)
-    kind = TCP4ClientEndpoint if version == 4 else TCP6ClientEndpoint
-    return kind(reactor, host.host, host.port, timeout=timeout)
-
-
-def deliver_to_host(
-    reactor: IServeReactor,
-    host: HostPort,
-    message: OutboundMessage,
-    *,
-    helo: str,
-    tls: ClientTLS,
-    timeouts: ClientTimeouts = ClientTimeouts(),
-    tls_options: TLSOptionsFactory = unverified_tls_options,
-) -> Deferred[TransactionResult]:
-    """
-    Connect to C{host} and run one transaction for C{message}.
-
-    @param reactor: TCP and time (and name resolution, for host names).
-    @return: a Deferred firing with the L{TransactionResult}; it never fails.
-    """
-    return Deferred.fromCoroutine(
-        _deliver_to_host(reactor, host, message, helo, tls, timeouts, tls_options)
-    )
-
-
-async def _deliver_to_host(
-    reactor: IServeReactor,
-    host: HostPort,
-    message: OutboundMessage,
-    helo: str,
-    tls: ClientTLS,
-    timeouts: ClientTimeouts,
-    tls_options: TLSOptionsFactory,
-) -> TransactionResult:
-    name = str(host)
-    try:
-        data = message.open_data()
-    except DATA_ERRORS as e:
-        _log.error("Cannot open the message data: {error}", error=repr(e))
-        failed = _o.local_outcome(_o.LOCAL_ERROR)
-        return TransactionResult(name, {r: failed for r in message.recipients}, False)
-    client, result = make_client(
-        message,
-        data,
-        host=name,
-        helo=helo,
-        tls=tls,
-        clock=reactor,
-        timeouts=timeouts,
-        tls_options=tls_options,
-    )
-    try:
-        await _endpoint(reactor, host, timeouts.connect).connect(_OneShot(client))
-    except Exception as e:
-        data.close()
-        failed = _o.failure_outcome(e, name)
-        return TransactionResult(name, {r: failed for r in message.recipients}, True)
-    return await result

@@ -1,6 +1,7 @@
 """
 The delivery targets (L{IDeliveryTarget}) of the three route kinds:
-C{maildir}, C{smarthost} and C{mx} (SPEC section 4).
+C{maildir}, C{smarthost} and C{mx} (SPEC section 4; the last in
+L{relaygw.deliver.mx}).
 
 Each C{deliver} returns a Deferred firing with one L{Outcome} per recipient
 and never fails.
@@ -15,13 +16,17 @@ from pathlib import Path
 from typing import IO, Sequence, cast
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorTime, IResolver
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.names.common import ResolverBase
 from zope.interface import implementer
 
 from relaygw._types import IServeReactor
 from relaygw.config._model import Route
 from relaygw.deliver import outcome as _o
+from relaygw.deliver.connections import ConnectionCache, deliver_to_host
+from relaygw.deliver.mx import MXTarget
+from relaygw.deliver.routefiles import RouteFiles
 from relaygw.deliver.smtpclient import (
     DATA_ERRORS,
     ClientTimeouts,
@@ -30,14 +35,12 @@ from relaygw.deliver.smtpclient import (
     TLSOptionsFactory,
     TransactionResult,
     check_tls_mode,
-    deliver_to_host,
-    unverified_tls_options,
 )
 from relaygw.interfaces import IDeliveryTarget
 from relaygw.route.router import split_address
 from relaygw.spool.envelope import Envelope, Outcome
 
-__all__ = ["MaildirTarget", "SmarthostTarget", "MXTarget", "build_target", "mailbox_name"]
+__all__ = ["MaildirTarget", "SmarthostTarget", "build_target", "mailbox_name"]
 
 _CHUNK = 64 * 1024
 _DIR_MODE = 0o700
@@ -216,9 +219,14 @@ class SmarthostTarget:
     """
     Hands the message to C{route.smarthosts}, tried in order: a host that
     cannot be reached, or refuses before taking the transaction (4xx at
-    greeting, EHLO or MAIL; TLS required but missing), passes it on to the
-    next one.  The recipients' outcomes come from the host that took the
-    transaction, or from the last host tried.
+    greeting, EHLO or MAIL; TLS required but missing; a certificate that
+    does not verify; AUTH refused), passes it on to the next one.  The
+    recipients' outcomes come from the host that took the transaction, or
+    from the last host tried.  Connections are reused
+    (L{relaygw.deliver.connections}).
+
+    The route's files are read as L{RouteFiles} says; until they are, every
+    recipient is retried.
     """
 
     _log = Logger()
@@ -230,32 +238,31 @@ class SmarthostTarget:
         reactor: IServeReactor,
         helo: str,
         timeouts: ClientTimeouts = ClientTimeouts(),
-        tls_options: TLSOptionsFactory = unverified_tls_options,
+        tls_options: TLSOptionsFactory | None = None,
     ) -> None:
         """
         @param route: a C{via = "smarthost"} route.
         @param reactor: TCP, time and name resolution.
         @param helo: the name to send in EHLO (C{gateway.hostname}).
-        @raise NotImplementedError: C{route.tls} is C{"verify"} or C{"mta-sts"}
-            (the next issue).
+        @param tls_options: overrides the TLS options the route's C{tls} and
+            C{ca_file} give (tests).
         """
         self._route = route
         self._tls = check_tls_mode(route.tls)
         self._reactor = reactor
         self._helo = helo
         self._timeouts = timeouts
-        self._tls_options = tls_options
-        if route.auth_user:
-            self._log.warn(
-                "Route {route}: SMTP AUTH to smarthosts is not implemented yet; sending without",
-                route=route.name,
-            )
+        self._files = RouteFiles(route, self._tls, tls_options)
+        self._cache = ConnectionCache(reactor)
 
     def deliver(
         self, envelope: object, recipients: object, open_data: object
     ) -> Deferred[dict[str, Outcome]]:
         """See L{IDeliveryTarget.deliver}."""
         envelope, recipients, open_data = _narrow(envelope, recipients, open_data)
+        if not self._files.ready():
+            later = _o.local_outcome(_o.ROUTE_FILE_UNREADABLE)
+            return succeed({r: later for r in recipients})
         return Deferred.fromCoroutine(self._deliver(envelope, recipients, open_data))
 
     async def _deliver(
@@ -271,7 +278,9 @@ class SmarthostTarget:
                 helo=self._helo,
                 tls=self._tls,
                 timeouts=self._timeouts,
-                tls_options=self._tls_options,
+                tls_options=self._files.tls_options,
+                auth=self._files.auth,
+                cache=self._cache,
             )
             if not last.failover:
                 return last.outcomes
@@ -288,45 +297,15 @@ class SmarthostTarget:
         return last.outcomes
 
 
-@implementer(IDeliveryTarget)
-class MXTarget:
-    """
-    Delivery by MX lookup: NOT IMPLEMENTED YET (the next issue).  Every
-    recipient gets a retry outcome C{451 4.4.3 MX delivery not implemented
-    yet}, so messages stay queued rather than being lost.
-    """
-
-    def __init__(
-        self, route: Route, *, reactor: IServeReactor, resolver: IResolver | None, helo: str
-    ) -> None:
-        """
-        @param route: a C{via = "mx"} route.
-        @param reactor: TCP, time and name resolution.
-        @param resolver: the DNS resolver for MX, A and AAAA lookups.
-        @param helo: the name to send in EHLO.
-        """
-        self._route = route
-        self._reactor = reactor
-        self._resolver = resolver
-        self._helo = helo
-
-    def deliver(
-        self, envelope: object, recipients: object, open_data: object
-    ) -> Deferred[dict[str, Outcome]]:
-        """See L{IDeliveryTarget.deliver}."""
-        envelope, recipients, open_data = _narrow(envelope, recipients, open_data)
-        later = _o.local_outcome(_o.MX_NOT_IMPLEMENTED)
-        return succeed({r: later for r in recipients})
-
-
 def build_target(
-    route: Route, *, reactor: IServeReactor, resolver: IResolver | None, helo: str
+    route: Route, *, reactor: IServeReactor, resolver: ResolverBase | None, helo: str
 ) -> IDeliveryTarget:
     """
     The target for C{route}, by C{route.via}.
 
-    @raise ValueError: a maildir route without C{maildir}.
-    @raise NotImplementedError: an outbound TLS mode not implemented yet.
+    @param resolver: the delivery process's one resolver (C{mx} routes).
+    @raise ValueError: a maildir route without C{maildir}, an mx route
+        without a resolver.
     """
     if route.via == "maildir":
         if route.maildir is None:
@@ -334,4 +313,6 @@ def build_target(
         return MaildirTarget(route.maildir, reactor)
     if route.via == "smarthost":
         return SmarthostTarget(route, reactor=reactor, helo=helo)
+    if resolver is None:
+        raise ValueError(f"route {route.name!r} needs a DNS resolver")
     return MXTarget(route, reactor=reactor, resolver=resolver, helo=helo)

@@ -66,6 +66,14 @@ _MAX_PENDING = 256 * 1024
 Handler = Callable[[str], "Reply | Deferred[Reply] | None"]
 
 
+#: The C{do_<VERB>} methods of each handler class, found once (C{dir} is
+#: too slow to run per session).
+_VERBS: dict[type, tuple[str, ...]] = {
+    cls: tuple(name for name in dir(cls) if name.startswith("do_"))
+    for cls in (SessionCommands, AuthCommands, EnvelopeCommands, DataCommands)
+}
+
+
 @implementer(IHandshakeListener)
 class Session(Protocol, TimeoutMixin):
     """
@@ -95,9 +103,8 @@ class Session(Protocol, TimeoutMixin):
         self.verbs: dict[str, Handler] = {}
         for handler in (SessionCommands(state, self), self._auth,
                         EnvelopeCommands(state, self), self._data):
-            for name in dir(handler):
-                if name.startswith("do_"):
-                    self.verbs[name[3:]] = getattr(handler, name)
+            for name in _VERBS[type(handler)]:
+                self.verbs[name[3:]] = getattr(handler, name)
         self._mode = "command"
         self._buf = b""
         self._out: list[bytes] = []

@@ -43,6 +43,21 @@ def kill_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int | 
     return proc.returncode
 
 
+def child_pids(pid: int) -> list[int]:
+    """The PIDs whose parent is C{pid} (read from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process with this PID exists (and is not a zombie we could reap)."""
     try:

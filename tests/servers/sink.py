@@ -32,7 +32,7 @@ def postfix_can_enter(path: Path) -> None:
 
 class SmtpSink:
     """
-    C{smtp-sink -c [-d DUMP/%M.] 127.0.0.1:PORT 1000} started and stopped by PID.
+    C{smtp-sink -c [-d DUMP/%M.] [OPTIONS] HOST:PORT 1000} started and stopped by PID.
 
     @ivar port: the listening port.
     @ivar workdir: where its output (the running counters) is written.
@@ -40,11 +40,18 @@ class SmtpSink:
     """
 
     def __init__(
-        self, workdir: Path, port: int, *, host: str = "127.0.0.1", dump: bool = False
+        self,
+        workdir: Path,
+        port: int,
+        *,
+        host: str = "127.0.0.1",
+        dump: bool = False,
+        options: tuple[str, ...] = (),
     ) -> None:
         self.workdir = Path(workdir)
         self.host = host
         self.port = port
+        self.options = options
         self.dump_dir: Path | None = self.workdir / "dump" if dump else None
         self._out = self.workdir / f"smtp-sink-{port}.out"
         self._proc: subprocess.Popen[bytes] | None = None
@@ -65,7 +72,7 @@ class SmtpSink:
             os.chmod(self.dump_dir, 0o777)
             postfix_can_enter(self.dump_dir)
             args += ["-d", f"{self.dump_dir}/%H%M%S."]
-        args += [f"{self.host}:{self.port}", "1000"]
+        args += [*self.options, f"{self.host}:{self.port}", "1000"]
         self.workdir.mkdir(parents=True, exist_ok=True)
         with open(self._out, "wb") as out:
             self._proc = subprocess.Popen(
