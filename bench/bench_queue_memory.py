@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from twisted.internet import reactor  # noqa: E402
 
+from bench.bench_accept import relaygw_config  # noqa: E402
 from relaygw.spool.envelope import Envelope, Recipient  # noqa: E402
 from relaygw.spool.store import DirectorySpool  # noqa: E402
 from tests.servers.ports import free_ports  # noqa: E402
@@ -35,33 +36,8 @@ BODY = b"Subject: queued\r\nMessage-ID: <%d@bench.test>\r\n\r\n" + b"x" * 1000 +
 
 
 def config(port: int, admin: int, closed: int) -> str:
-    return f"""
-[gateway]
-hostname = "gw.bench.test"
-spool_dir = "var/spool"
-log_dir = "var/log"
-admin_listen = "127.0.0.1:{admin}"
-
-[[accepted_domains]]
-domain = "dest.bench.test"
-type = "internal-relay"
-route = "down"
-
-[[routes]]
-name = "down"
-via = "smarthost"
-smarthosts = ["127.0.0.1:{closed}"]
-tls = "off"
-
-[[connectors]]
-name = "Bench"
-bindings = ["127.0.0.1:{port}"]
-remote_ranges = ["127.0.0.0/8"]
-tls = "off"
-
-[queue]
-retry = ["1h"]
-"""
+    """bench_accept's configuration, its smarthost down, retried hourly."""
+    return relaygw_config(port, admin, closed) + '\n[queue]\nretry = ["1h"]\n'
 
 
 def fill(spool_dir: Path, count: int) -> float:

@@ -30,7 +30,7 @@ from relaygw.deliver.mtasts import (
 )
 from relaygw.deliver.mx import make_resolver
 from relaygw.deliver.tlspolicy import load_ca_file
-from tests.servers.dnsmasq import DNSMASQ_MISSING, Dnsmasq, dnsmasq_binary
+from tests.servers.dnsmasq import DNSMASQ_MISSING, Dnsmasq, dnsmasq_missing
 from tests.servers.https import HTTPSServer, Reply
 from tests.servers.ports import free_port
 from tests.servers.recording_smtp import TestCA
@@ -200,7 +200,7 @@ def test_cache_is_bounded() -> None:
 # --- discovery over the network ---
 
 
-@pytest.mark.skipif(dnsmasq_binary() is None, reason=DNSMASQ_MISSING)
+@pytest.mark.skipif(dnsmasq_missing(), reason=DNSMASQ_MISSING)
 class FetcherTests(TestCase):
     timeout = 30
 

@@ -28,13 +28,13 @@ from relaygw.deliver.mx import (
 )
 from relaygw.deliver.smtpclient import ClientTimeouts
 from relaygw.spool.envelope import Outcome
-from tests.servers.dnsmasq import DNSMASQ_MISSING, Dnsmasq, dnsmasq_binary
+from tests.servers.dnsmasq import DNSMASQ_MISSING, Dnsmasq, dnsmasq_missing
 from tests.servers.ports import free_port
 from tests.servers.sink import SmtpSink
 from tests.test_smtpclient import SINK_MISSING, SMTP_SINK
 from tests.test_targets import _envelope
 
-pytestmark = pytest.mark.skipif(dnsmasq_binary() is None, reason=DNSMASQ_MISSING)
+pytestmark = pytest.mark.skipif(dnsmasq_missing(), reason=DNSMASQ_MISSING)
 
 BODY = b"Subject: mx\r\n\r\nhello\r\n"
 

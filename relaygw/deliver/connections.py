@@ -184,6 +184,8 @@ async def _deliver_to_host(
 ) -> TransactionResult:
     name = str(host)
     sni = server_name or host.host
+    key: _Key = (name, sni, tls)
+    reused = cache.take(key) if cache is not None else None
     while True:
         try:
             data = message.open_data()
@@ -191,22 +193,18 @@ async def _deliver_to_host(
             _log.error("Cannot open the message data: {error}", error=repr(e))
             failed = _o.local_outcome(_o.LOCAL_ERROR)
             return TransactionResult(name, {r: failed for r in message.recipients}, False)
-        key: _Key = (name, sni, tls)
-        idle = cache.take(key) if cache is not None else None
-        if idle is not None:
+        if reused is not None:
+            idle, reused = reused, None
             result = await idle.offer(message, data)
             if not result.failover:
                 return result
             _log.debug("Reused connection to {host} failed; connecting anew", host=name)
-            try:
-                data = message.open_data()
-            except DATA_ERRORS:
-                return result
+            continue
         client = new_client(
             message, data, name, helo, tls, reactor, timeouts, tls_options, sni, auth
         )
         if cache is not None:
-            cache.watch(key, client)
+            cache.watch((name, sni, tls), client)
         try:
             await _endpoint(reactor, host, timeouts.connect).connect(_OneShot(client))
         except Exception as e:

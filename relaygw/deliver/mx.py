@@ -334,8 +334,10 @@ class MXTarget:
 
     async def _addresses(self, host: str) -> list[str] | None:
         """The addresses of an exchanger; C{None} when its lookup failed temporarily."""
-        if ip_literal(f"[{host}]") == host:
-            return [host]
+        try:
+            return [str(ipaddress.ip_address(host))]  # an IP-literal recipient's "exchanger"
+        except ValueError:
+            pass
         try:
             return await lookup_addresses(self._resolver, host)
         except TimeoutError:

@@ -61,6 +61,28 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
+def replace_durably(path: str, data: bytes, mode: int = _FILE_MODE) -> None:
+    """
+    Replace C{path} with C{data} atomically: write C{path + TEMPORARY},
+    fsync it, rename it over C{path}.  Fsyncing the directory is the
+    caller's (it may batch several).
+
+    @raise OSError: nothing was replaced; the temporary file is removed.
+    """
+    temp = path + TEMPORARY
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+        try:
+            write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, path)
+    except OSError:
+        _unlink_quietly(temp)
+        raise
+
+
 class PendingCommit:
     """
     One entry on its way to durability: its file (open, or still to be

@@ -38,7 +38,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from relaygw.interfaces import ISpool
-from relaygw.spool.commit import ENTRY, TEMPORARY, write_all
+from relaygw.spool.commit import ENTRY, replace_durably, write_all
 from relaygw.spool.ids import is_queue_id
 
 __all__ = [
@@ -179,21 +179,7 @@ def write_request(root: Path, request: Request, now: float) -> Path:
     control = _control_dir(root)
     name = f"{int(now * 1_000_000):020d}-{secrets.token_hex(4)}{_REQUEST}"
     final = control / name
-    temp = control / (name + TEMPORARY)
-    try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _REQUEST_MODE)
-        try:
-            write_all(fd, request.to_json())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, final)
-    except OSError:
-        try:
-            os.unlink(temp)
-        except OSError:
-            pass
-        raise
+    replace_durably(str(final), request.to_json(), _REQUEST_MODE)
     _fsync_dir(control)
     return final
 

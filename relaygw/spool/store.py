@@ -38,7 +38,7 @@ from relaygw.spool.commit import (
     CommitThread,
     PendingCommit,
     commit_batch,
-    write_all,
+    replace_durably,
 )
 from relaygw.spool.entry import open_data, read_envelope
 from relaygw.spool.envelope import Envelope
@@ -217,19 +217,7 @@ class DirectorySpool:
         if not os.path.exists(self._file(envelope.id, ENTRY)):
             raise KeyError(envelope.id)
         self._updated[envelope.id] = True
-        final = self._file(envelope.id, _UPDATE)
-        temp = final + TEMPORARY
-        try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, _FILE_MODE)
-            try:
-                write_all(fd, envelope.to_json())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(temp, final)
-        except OSError:
-            _unlink_quietly(temp)
-            raise
+        replace_durably(self._file(envelope.id, _UPDATE), envelope.to_json(), _FILE_MODE)
         os.fsync(self._directory_fd())
 
     def remove(self, queue_id: str) -> None:

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import Launch, gateway_toml, smtp, spool_entries
-from tests.servers.dnsmasq import DNSMASQ_MISSING, Dnsmasq, dnsmasq_binary
+from tests.servers.dnsmasq import DNSMASQ_MISSING, Dnsmasq, dnsmasq_missing
 from tests.servers.ports import free_port, free_ports, wait_until
 from tests.servers.sink import SmtpSink
 
 pytestmark = [
     pytest.mark.e2e,
-    pytest.mark.skipif(dnsmasq_binary() is None, reason=DNSMASQ_MISSING),
+    pytest.mark.skipif(dnsmasq_missing(), reason=DNSMASQ_MISSING),
 ]
 
 

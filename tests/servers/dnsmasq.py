@@ -43,6 +43,15 @@ RECORDS: tuple[tuple[str, str], ...] = (
 DNSMASQ_MISSING = "dnsmasq (package dnsmasq-base) is not installed"
 
 
+def dnsmasq_missing() -> bool:
+    """
+    Whether to skip the DNS tests: dnsmasq is absent on a developer's machine.
+    On CI (scripts/test installs it) it is never skipped, so that a missing
+    package fails the DNS tests instead of hiding them.
+    """
+    return dnsmasq_binary() is None and not os.environ.get("CI")
+
+
 def dnsmasq_binary() -> str | None:
     return shutil.which("dnsmasq") or (
         "/usr/sbin/dnsmasq" if Path("/usr/sbin/dnsmasq").exists() else None
