@@ -187,3 +187,15 @@ def test_header_block_cut_at_a_line_end() -> None:
     lines = (HEADERS + BODY).splitlines(True)
     assert header_block(lines) == HEADERS
     assert header_block([b"A: 1\n", b"B: 2\n"], limit=8) == b"A: 1\r\n"
+
+
+@pytest.mark.parametrize(
+    "remote_host, named",
+    [("mx1.remote.test:25", "mx1.remote.test"), ("192.0.2.7:2525", "192.0.2.7"),
+     ("[2001:db8::7]:25", "2001:db8::7"), ("mx1.remote.test", "mx1.remote.test")],
+)
+def test_remote_mta_names_the_host_without_its_port(remote_host: str, named: str) -> None:
+    """Remote-MTA is a host name (RFC 3464 2.3.5); the port the attempt used is not part of it."""
+    refused = Outcome("bounce", "550 5.1.1 no such user", remote_host=remote_host)
+    (carol,) = _status_groups(_bounce([report_of("carol@remote.test", refused)]))[1:]
+    assert carol["Remote-MTA"] == f"dns; {named}"

@@ -35,6 +35,7 @@ __all__ = ["DSN", "Report", "build_dsn", "header_block", "report_of", "MAX_HEADE
 #: Longest original header block quoted in a DSN; the rest is cut at a line end.
 MAX_HEADER_BLOCK = 64 * 1024
 
+_HOST_PORT = re.compile(r"^(?:\[([^\]]+)\]|([^:\[\]]+)):\d+$")
 _REPLY = re.compile(r"^([245])(\d\d)(?:\s+([245])\.(\d{1,3})\.(\d{1,3})\b)?")
 
 
@@ -120,6 +121,12 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def _mta_name(remote_host: str) -> str:
+    """C{host:port} or C{[v6]:port} -> the host: Remote-MTA names a host, not a port."""
+    m = _HOST_PORT.match(remote_host)
+    return (m.group(1) or m.group(2)) if m else remote_host
+
+
 def _per_recipient(report: Report, when: str) -> list[str]:
     outcome = report.outcome
     lines = [
@@ -128,7 +135,7 @@ def _per_recipient(report: Report, when: str) -> list[str]:
         f"Status: {status_of(outcome.reply)}",
     ]
     if outcome.remote_host:
-        lines.append(f"Remote-MTA: dns; {_one_line(outcome.remote_host)}")
+        lines.append(f"Remote-MTA: dns; {_one_line(_mta_name(outcome.remote_host))}")
         lines.append(f"Diagnostic-Code: smtp; {_one_line(outcome.reply)}")
     else:
         # relaygw's own decision (null MX, expiry, a mailbox it could not write).

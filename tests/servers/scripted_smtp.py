@@ -1,0 +1,134 @@
+"""
+A small SMTP receiver in a thread, for end-to-end tests that run the
+gateway as a process: it answers each recipient by a rule of the test
+(C{550} for one recipient of two, C{451} until a count is reached) and
+records every transaction it saw, including the refused ones.
+
+smtp-sink answers every recipient alike; a Twisted server in the test's
+reactor cannot serve while the test blocks on the gateway, so this one
+runs in its own thread (socketserver, one thread per connection).
+"""
+
+from __future__ import annotations
+
+import socketserver
+import threading
+from typing import Callable
+
+import attrs
+
+__all__ = ["ScriptedSMTP", "Transaction"]
+
+#: A recipient address -> the RCPT reply, or C{None} for 250.
+Rule = Callable[[str], "str | None"]
+
+
+@attrs.define
+class Transaction:
+    """One MAIL transaction: its sender, the recipients answered 250, the data (when sent)."""
+
+    sender: str
+    accepted: list[str] = attrs.Factory(list)
+    refused: list[str] = attrs.Factory(list)
+    data: bytes | None = None
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    server: _Server
+    timeout = 30
+
+    def _send(self, line: str) -> None:
+        self.wfile.write(line.encode() + b"\r\n")
+
+    def handle(self) -> None:
+        self._send("220 scripted.test ESMTP")
+        txn: Transaction | None = None
+        while line := self.rfile.readline(4096):
+            verb, _, arg = line.decode("utf-8", "replace").rstrip("\r\n").partition(" ")
+            verb = verb.upper()
+            if verb == "EHLO":
+                self._send("250-scripted.test\r\n250-8BITMIME\r\n250 SMTPUTF8")
+            elif verb in ("HELO", "NOOP"):
+                self._send("250 ok")
+            elif verb == "MAIL":
+                txn = Transaction(_address(arg))
+                self._send("250 2.1.0 ok")
+            elif verb == "RCPT" and txn is not None:
+                address = _address(arg)
+                reply = self.server.rule(address)
+                (txn.refused if reply else txn.accepted).append(address)
+                self._send(reply or "250 2.1.5 ok")
+            elif verb == "DATA" and txn is not None and txn.accepted:
+                self._send("354 go ahead")
+                txn.data = self._data()
+                self.server.record(txn)
+                txn = None
+                self._send("250 2.0.0 queued")
+            elif verb == "RSET":
+                if txn is not None:
+                    self.server.record(txn)
+                txn = None
+                self._send("250 ok")
+            elif verb == "QUIT":
+                self._send("221 bye")
+                break
+            else:
+                self._send("503 5.5.1 bad sequence")
+        if txn is not None:
+            self.server.record(txn)
+
+    def _data(self) -> bytes:
+        lines = []
+        while (line := self.rfile.readline(1 << 20)) not in (b".\r\n", b""):
+            lines.append(line[1:] if line.startswith(b".") else line)
+        return b"".join(lines)
+
+
+def _address(arg: str) -> str:
+    start, end = arg.find("<"), arg.find(">")
+    return arg[start + 1 : end] if 0 <= start < end else ""
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, host: str, port: int, rule: Rule) -> None:
+        super().__init__((host, port), _Handler)
+        self.rule = rule
+        self.lock = threading.Lock()
+        self.transactions: list[Transaction] = []
+
+    def record(self, txn: Transaction) -> None:
+        with self.lock:
+            self.transactions.append(txn)
+
+
+class ScriptedSMTP:
+    """
+    Serve SMTP on C{host:port} (port 0: any) until L{stop}.
+
+    @param rule: decides each RCPT reply; it runs in the connection's thread.
+    """
+
+    def __init__(self, rule: Rule, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._server = _Server(host, port, rule)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> ScriptedSMTP:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(10)
+
+    def transactions(self) -> list[Transaction]:
+        """Every transaction so far (a copy)."""
+        with self._server.lock:
+            return list(self._server.transactions)
