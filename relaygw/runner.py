@@ -28,14 +28,20 @@ import argparse
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
+from attrs import frozen
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessExitedAlready
-from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IReactorProcess
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IProcessTransport,
+    IReactorProcess,
+    IReactorTime,
+)
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import (
     ILogObserver,
@@ -50,20 +56,23 @@ from twisted.python.failure import Failure
 
 import relaygw
 from relaygw._types import IServeReactor
-from relaygw.config._model import Config
-from relaygw.interfaces import ISpool
+from relaygw.config._model import Config, Queue
+from relaygw.errors import ConfigError
+from relaygw.interfaces import IDeliveryTarget, IRouter, ISpool
 from relaygw.spool.ids import is_queue_id
 
 if TYPE_CHECKING:
     from relaygw.deliver.scheduler import Scheduler
 
-__all__ = ["DeliveryProcess", "build_scheduler", "main"]
+__all__ = ["DeliveryProcess", "Routes", "build_routes", "build_scheduler", "main", "reconfigure"]
 
 _log = Logger()
 
 #: How long the parent waits for the child to finish its deliveries in
 #: progress at stop, before killing it (the scheduler's own bound is 30 s).
 STOP_GRACE = 35.0
+#: Seconds after a reload before the old routes' resources are released.
+RELEASE_AFTER = 60.0
 #: Added to the delivery process's nice value (lower CPU priority).
 DELIVERY_NICENESS = 5
 _RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)
@@ -71,19 +80,25 @@ _RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)
 _HEALTHY_AFTER = 60.0
 
 
-def build_scheduler(
-    config: Config, reactor: IServeReactor, spool: ISpool
-) -> tuple[Scheduler, Callable[[], None]]:
+@frozen
+class Routes:
     """
-    The delivery side of a configuration: router, one target per route and
-    the scheduler over C{spool}.
+    The delivery side of one configuration, as L{Scheduler.reconfigure} takes it.
 
-    @return: the scheduler (not started) and a function that releases what
-        it holds (the DNS resolver's timers) after the scheduler stopped.
+    @ivar release: releases what the targets hold (the DNS resolver's
+        timers) once no attempt uses them any more.
     """
+
+    router: IRouter
+    targets: Mapping[str, IDeliveryTarget]
+    concurrency: Mapping[str, int]
+    queue: Queue
+    release: Callable[[], None]
+
+
+def build_routes(config: Config, reactor: IServeReactor) -> Routes:
+    """The router, one target per route, and the limits of C{config}."""
     from relaygw.deliver.mx import make_resolver
-    from relaygw.deliver.bounce import SpoolNotifier
-    from relaygw.deliver.scheduler import Scheduler
     from relaygw.deliver.targets import build_target
     from relaygw.route.router import Router
 
@@ -96,15 +111,6 @@ def build_scheduler(
         )
         for route in config.routes
     }
-    scheduler = Scheduler(
-        spool=spool,
-        router=Router(config),
-        targets=targets,
-        concurrency={route.name: route.max_concurrency for route in config.routes},
-        queue=config.queue,
-        clock=reactor,
-        notifier=SpoolNotifier(spool, hostname=config.gateway.hostname, clock=reactor),
-    )
 
     def release() -> None:
         # client.Resolver re-reads resolv.conf from a repeating delayed call
@@ -113,7 +119,48 @@ def build_scheduler(
         if call is not None and call.active():
             call.cancel()
 
-    return scheduler, release
+    return Routes(
+        router=Router(config),
+        targets=targets,
+        concurrency={route.name: route.max_concurrency for route in config.routes},
+        queue=config.queue,
+        release=release,
+    )
+
+
+def build_scheduler(
+    config: Config, reactor: IServeReactor, spool: ISpool
+) -> tuple[Scheduler, Routes]:
+    """
+    The scheduler of a configuration over C{spool}.
+
+    @return: the scheduler (not started) and its routes, whose C{release}
+        is called after the scheduler stopped.
+    """
+    from relaygw.deliver.bounce import SpoolNotifier
+    from relaygw.deliver.scheduler import Scheduler
+
+    routes = build_routes(config, reactor)
+    scheduler = Scheduler(
+        spool=spool,
+        router=routes.router,
+        targets=routes.targets,
+        concurrency=routes.concurrency,
+        queue=routes.queue,
+        clock=reactor,
+        notifier=SpoolNotifier(spool, hostname=config.gateway.hostname, clock=reactor),
+    )
+    return scheduler, routes
+
+
+def reconfigure(scheduler: Scheduler, old: Routes, new: Routes, clock: IReactorTime) -> None:
+    """
+    Hand C{new} to C{scheduler} for the attempts that start from now.  The
+    attempts in flight keep their targets, so C{old} is released only after
+    they have had time to end (a scheduler's stop bound).
+    """
+    scheduler.reconfigure(new.router, new.targets, new.concurrency, new.queue)
+    clock.callLater(RELEASE_AFTER, old.release)
 
 
 # -- parent side ------------------------------------------------------------
@@ -128,10 +175,14 @@ class _ChildProtocol(ProcessProtocol):
         self._err = b""
 
     def outReceived(self, data: bytes) -> None:
+        # jsonFileLogObserver writes "\x1e" + JSON + "\n": a record is
+        # complete at its line end (JSON text has no raw newline), not when
+        # the next record starts.
         self._out += data
-        *records, self._out = self._out.split(b"\x1e")
+        *records, self._out = self._out.split(b"\n")
         for record in records:
-            if record.strip():
+            record = record.strip(b"\x1e \r")
+            if record:
                 self._owner._republish(record)
 
     def errReceived(self, data: bytes) -> None:
@@ -189,6 +240,14 @@ class DeliveryProcess(Service):
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
         self._spawn()
+
+    def reload(self) -> None:
+        """Have the child load the configuration again (SIGHUP; its attempts in flight go on)."""
+        if self._transport is not None:
+            try:
+                self._transport.signalProcess("HUP")
+            except ProcessExitedAlready:
+                pass
 
     def notify(self, queue_id: str) -> None:
         """Tell the child about a committed entry (dropped while none runs)."""
@@ -303,14 +362,30 @@ class _QueueIds(LineOnlyReceiver):
             self._done.callback(None)
 
 
-async def _run(reactor: IServeReactor, config: Config) -> None:
+async def _run(reactor: IServeReactor, config: Config, load_config: Callable[[], Config]) -> None:
     from twisted.internet import stdio
 
     from relaygw.spool.control import ControlPoller
     from relaygw.spool.store import DirectorySpool
 
     spool = DirectorySpool(config.gateway.spool_dir, reactor)
-    scheduler, release = build_scheduler(config, reactor, spool)
+    scheduler, routes = build_scheduler(config, reactor, spool)
+
+    def reload() -> None:
+        # The gateway checked the new file before it sent SIGHUP; checked
+        # again here, since it is read again.
+        nonlocal routes
+        try:
+            new = build_routes(load_config(), reactor)
+        except ConfigError as error:
+            _log.error("delivery process: reload refused, configuration kept: {problem}",
+                       problem=str(error))
+            return
+        reconfigure(scheduler, routes, new, reactor)
+        routes = new
+        _log.info("delivery process: configuration reloaded")
+
+    signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(reload))  # type: ignore[attr-defined]
     entries = spool.entries()
     _log.info("delivery process: {count} queued message(s)", count=len(entries))
     scheduler.start(entries)
@@ -324,7 +399,7 @@ async def _run(reactor: IServeReactor, config: Config) -> None:
     await done
     control.stop()
     await scheduler.stop()
-    release()
+    routes.release()
     _log.info("delivery process stopped")
 
 
@@ -333,6 +408,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     C{python -m relaygw.runner [--config PATH]}: the delivery process.
     Started by the gateway, not by hand.
     """
+    # Until the scheduler can reload, a reload request must not end the
+    # process (SIGHUP's default action).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     parser = argparse.ArgumentParser(prog="python -m relaygw.runner")
     parser.add_argument("--config", "-c", default=None)
     args = parser.parse_args(argv)
@@ -350,7 +428,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     from relaygw.config._load import load, load_default
     from relaygw.spool.control import SpoolLock, lock_holder
 
-    config = load(args.config) if args.config else load_default()
+    def load_config() -> Config:
+        return load(args.config) if args.config else load_default()
+
+    config = load_config()
     # Held until this process ends: while it is, `relaygw queue` sends its
     # changes here instead of making them, and no second delivery process
     # (an orphan still finishing after kill -9 of the gateway) delivers too.
@@ -366,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         # A terminal's Ctrl-C reaches the whole process group; the gateway
         # stops this process by closing its stdin, after its own sessions.
         reactor.callWhenRunning(signal.signal, signal.SIGINT, signal.SIG_IGN)  # type: ignore[attr-defined]
-        return Deferred.fromCoroutine(_run(reactor, config))
+        return Deferred.fromCoroutine(_run(reactor, config, load_config))
 
     task.react(start)
 

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Literal, cast
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import (
     IAddress,
+    IReactorCore,
     IListeningPort,
     IReactorFromThreads,
     IReactorTime,
@@ -39,7 +40,8 @@ from relaygw.config._model import Config, Connector
 from relaygw.interfaces import IDirectory
 from relaygw.listen.bindings import ListenError, ListenSocket, listen_on, plan_sockets
 from relaygw.listen.tls import ServerTLSOptions, TLSSetupError, ensure_certificate
-from relaygw.runner import DeliveryProcess, build_scheduler
+from relaygw.reload import Sessions, install_signals, read_config, restart_only, socket_changes
+from relaygw.runner import DeliveryProcess, Routes, build_routes, build_scheduler, reconfigure
 
 if TYPE_CHECKING:
     from twisted.cred.portal import Portal
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
     from twisted.python.threadpool import ThreadPool
 
     from relaygw.deliver.scheduler import Scheduler
+    from relaygw.ops.admin import AdminServer
     from relaygw.session.factory import SessionFactory
     from relaygw.spool.store import DirectorySpool
 
@@ -55,6 +58,9 @@ __all__ = ["AUTH_THREADS", "RelayGatewayService", "StartupError", "build_directo
 
 #: Threads of the pool the directory (ldap3 binds, scrypt) runs in.
 AUTH_THREADS = 8
+#: Seconds a stop waits for sessions in progress (one in DATA included)
+#: before it closes them; Postfix's smtpd gets about as long from master.
+STOP_SESSIONS_GRACE = 30.0
 
 
 class StartupError(Exception):
@@ -142,11 +148,15 @@ class _Gate(ServerFactory):
 
     def __init__(self) -> None:
         self.target: ServerFactory | None = None
+        self.sessions = Sessions()
 
     def buildProtocol(self, addr: IAddress | None) -> _ProtoWithFactory | None:
         if self.target is None:
             return None
-        return self.target.buildProtocol(addr)
+        protocol = self.target.buildProtocol(addr)
+        if protocol is not None:
+            self.sessions.add(protocol)
+        return protocol
 
 
 class RelayGatewayService(MultiService):
@@ -166,6 +176,9 @@ class RelayGatewayService(MultiService):
         *,
         delivery: Literal["process", "inline"] = "inline",
         config_path: str | None = None,
+        signals: bool = False,
+        stop_grace: float = STOP_SESSIONS_GRACE,
+        admin: bool | None = None,
     ) -> None:
         """
         @param config: a validated configuration.
@@ -176,6 +189,13 @@ class RelayGatewayService(MultiService):
             in the delivery process (L{relaygw.runner}), which loads the same
             configuration from C{config_path} (C{None}: the embedded default);
             C{"inline"}: in this process (tests, embedding).
+        @param signals: reload on SIGHUP and exit 0 after a graceful
+            SIGTERM (what twistd runs; L{reload} is there either way).
+        @param stop_grace: seconds L{stopService} waits for sessions.
+        @param admin: serve the admin HTTP endpoint on C{admin_listen}
+            (L{relaygw.ops.admin}); C{None}: with C{delivery="process"} (what
+            twistd runs), not inline, so that tests and embedders do not take
+            the default port 8025 unasked.
         """
         super().__init__()  # type: ignore[no-untyped-call]
         self.config = config
@@ -183,7 +203,10 @@ class RelayGatewayService(MultiService):
         self._delivery_mode = delivery
         self._config_path = config_path
         self._delivery: DeliveryProcess | None = None
-        self._release: Callable[[], None] = _nothing
+        self._routes: Routes | None = None
+        self._signals = signals
+        self._stop_grace = stop_grace
+        self._plans: list[ListenSocket] = []
         self._gate = _Gate()
         self._ports: list[IListeningPort] = []
         self._tls = ServerTLSOptions()
@@ -191,6 +214,8 @@ class RelayGatewayService(MultiService):
         self._scheduler: Scheduler | None = None
         self._factory: SessionFactory | None = None
         self._auth_pool: ThreadPool | None = None
+        self._admin_wanted = delivery == "process" if admin is None else admin
+        self._admin: AdminServer | None = None
 
     @property
     def ports(self) -> tuple[IListeningPort, ...]:
@@ -218,7 +243,7 @@ class RelayGatewayService(MultiService):
             self._start()
         except BaseException:
             self._close_ports()
-            self._release()
+            self._release_routes()
             self._stop_auth_pool()
             raise
         super().startService()  # type: ignore[no-untyped-call]
@@ -235,7 +260,7 @@ class RelayGatewayService(MultiService):
                 directory.mkdir(parents=True, exist_ok=True)
             except OSError as error:
                 raise StartupError(f"cannot create {directory}: {error.strerror}") from None
-        self._check_certificates(config.connectors)
+        self._check_certificates(config.connectors, self._tls)
         try:
             spool = DirectorySpool(root, self._reactor)
             recovered = spool.recover()
@@ -249,7 +274,7 @@ class RelayGatewayService(MultiService):
         scheduler: Scheduler | None = None
         delivery: DeliveryProcess | None = None
         if self._delivery_mode == "inline":
-            scheduler, self._release = build_scheduler(config, self._reactor, spool)
+            scheduler, self._routes = build_scheduler(config, self._reactor, spool)
         else:
             delivery = DeliveryProcess(reactor=self._reactor, config_path=self._config_path)
         store = self._build_directory()
@@ -264,6 +289,7 @@ class RelayGatewayService(MultiService):
         )
         if not self._ports:
             self._listen()
+        self._admin = self._start_admin()
         # Nothing above leaves timers or threads behind if it raises; from
         # here on nothing raises.
         self._spool, self._scheduler, self._factory = spool, scheduler, factory
@@ -277,11 +303,133 @@ class RelayGatewayService(MultiService):
             spool.subscribe(lambda envelope: delivery.notify(envelope.id))
         factory.doStart()  # type: ignore[no-untyped-call]
         self._gate.target = self._factory
+        if self._signals:
+            install_signals(cast(IReactorCore, self._reactor), self.reload)
         # Test fixtures and operators wait for this line: a bound socket
         # accepts TCP connections before this point, but no session yet.
         self._log.info(
             "relaygw ready: accepting connections on {count} socket(s)", count=len(self._ports)
         )
+
+    def reload(self) -> Deferred[bool]:
+        """
+        SIGHUP: read the configuration file again and use it for new
+        sessions and deliveries: new bindings open, removed ones close,
+        certificates and the directory (or users file) are loaded anew, the
+        delivery process reloads too.  Sessions in progress finish under the
+        connector they started with.
+
+        @return: fires with whether the new configuration runs; when not,
+            the reason was logged in SPEC section 2's form and nothing changed.
+        """
+        return Deferred.fromCoroutine(self._reload())
+
+    async def _reload(self) -> bool:
+        from relaygw.connectors.selector import ConnectorSelector
+
+        factory = self._factory
+        if factory is None:  # not started, or stopping
+            return False
+        config = read_config(self._config_path)
+        if config is None:
+            return False
+        tls = ServerTLSOptions()
+        try:
+            self._check_certificates(config.connectors, tls)
+            store = build_directory(
+                config,
+                reactor=cast(IReactorFromThreads, self._reactor) if self._auth_pool else None,
+                threadpool=self._auth_pool,
+            )
+            await self._resocket(plan_sockets(config.connectors))
+        except (StartupError, ListenError) as error:
+            self._log.error(
+                "reload refused, the running configuration stays: {problem}",
+                event="reload.refused", problem=str(error),
+            )
+            return False
+        for key in restart_only(self.config, config):
+            self._log.warn("{key} changed; it takes effect at the next restart", key=key)
+        self.config, self._tls = config, tls
+        factory.reconfigure(
+            config,
+            ConnectorSelector(config.connectors),
+            portal=build_portal(store, config, self._reactor),
+            directory=store,
+        )
+        if self._scheduler is not None and self._routes is not None:
+            routes = build_routes(config, self._reactor)
+            reconfigure(self._scheduler, self._routes, routes, self._reactor)
+            self._routes = routes
+        if self._delivery is not None:
+            self._delivery.reload()
+        self._log.info(
+            "configuration reloaded from {source}: listening on {count} socket(s)",
+            event="reload.done", source=config.source, count=len(self._ports),
+        )
+        return True
+
+    async def _resocket(self, planned: tuple[ListenSocket, ...]) -> None:
+        """
+        Close the sockets no longer planned, then open the new ones; when
+        one cannot be opened, put everything back as it was and raise.
+
+        @raise ListenError: a new socket cannot be opened.
+        """
+        close, opening = socket_changes(self._plans, planned)
+        closed = [(self._plans[i], self._ports[i]) for i in close]
+        kept = [pair for i, pair in enumerate(zip(self._plans, self._ports)) if i not in close]
+        self._plans, self._ports = [p for p, _ in kept], [port for _, port in kept]
+        # Waited for: a socket planned anew on the same port binds it again.
+        await _all(port.stopListening() for _, port in closed)
+        try:
+            for plan in opening:
+                self._open(plan)
+        except ListenError:
+            fresh = [port for plan, port in zip(self._plans, self._ports) if plan in opening]
+            self._plans, self._ports = [p for p, _ in kept], [port for _, port in kept]
+            await _all(port.stopListening() for port in fresh)
+            for plan, _ in closed:
+                self._open(plan)
+            raise
+        for plan, _ in closed:
+            self._log.info("stopped listening on {binding}", binding=str(plan.binding))
+        order = {plan: i for i, plan in enumerate(planned)}
+        pairs = sorted(zip(self._plans, self._ports), key=lambda pair: order[pair[0]])
+        self._plans, self._ports = [p for p, _ in pairs], [port for _, port in pairs]
+
+    def _start_admin(self) -> AdminServer | None:
+        """
+        The admin HTTP endpoint, listening and counting events (before any
+        session or delivery runs); C{None} when not wanted.
+
+        @raise StartupError: the token file or C{admin_listen} is unusable.
+        """
+        from relaygw.ops.admin import AdminError, AdminServer
+        from relaygw.ops.health import GatewayView
+
+        if not self._admin_wanted or self.config.gateway.admin_listen is None:
+            return None
+
+        def directory() -> IDirectory | None:
+            lookup = self._factory.addresses if self._factory is not None else None
+            return lookup.directory if lookup is not None else None
+
+        def delivery_pid() -> int | None:
+            return self._delivery.pid if self._delivery is not None else None
+
+        view = GatewayView(
+            config=lambda: self.config,
+            ports=lambda: self.ports,
+            delivery_pid=delivery_pid if self._delivery_mode == "process" else None,
+            directory=directory,
+        )
+        try:
+            admin = AdminServer(self.config, view, self._reactor)
+            admin.start()
+        except AdminError as error:
+            raise StartupError(str(error)) from None
+        return admin
 
     def _build_directory(self) -> IDirectory:
         """
@@ -302,17 +450,20 @@ class RelayGatewayService(MultiService):
         self._auth_pool = pool
         return directory
 
-    def _check_certificates(self, connectors: tuple[Connector, ...]) -> None:
+    def _check_certificates(
+        self, connectors: tuple[Connector, ...], tls: ServerTLSOptions
+    ) -> None:
         """
-        Generate missing certificates and load every TLS connector's, so a
-        bad file stops the start rather than the first STARTTLS.
+        Generate missing certificates and load every TLS connector's into
+        C{tls}, so a bad file stops the start (or the reload) rather than
+        the first STARTTLS.
         """
         for connector in connectors:
             if not connector.enabled or connector.tls == "off" or connector.certificate is None:
                 continue
             try:
                 ensure_certificate(connector.certificate, connector.fqdn)
-                self._tls(connector)
+                tls(connector)
             except TLSSetupError as error:
                 raise StartupError(f"connector {connector.name!r}: {error}") from None
 
@@ -333,12 +484,16 @@ class RelayGatewayService(MultiService):
         plans = plan_sockets(self.config.connectors)
         try:
             for plan in plans:
-                self._ports.append(listen_on(self._reactor, plan, self._gate))
-                self._log_listening(plan)
+                self._open(plan)
         except ListenError as error:
             self._log.error("{problem}", problem=str(error), binding=str(error.socket.binding))
             self._close_ports()
             raise
+
+    def _open(self, plan: ListenSocket) -> None:
+        self._ports.append(listen_on(self._reactor, plan, self._gate))
+        self._plans.append(plan)
+        self._log_listening(plan)
 
     def _log_listening(self, plan: ListenSocket) -> None:
         mode = ""
@@ -352,7 +507,7 @@ class RelayGatewayService(MultiService):
         )
 
     def _close_ports(self) -> list[Deferred[None]]:
-        ports, self._ports = self._ports, []
+        ports, self._ports, self._plans = self._ports, [], []
         self._gate.target = None
         waits: list[Deferred[None]] = []
         for port in ports:
@@ -378,6 +533,9 @@ class RelayGatewayService(MultiService):
         if waits:
             await DeferredList(waits, consumeErrors=True)
         self._log.info("stopped listening")
+        # Sessions in progress finish (their commits reach the spool before
+        # it closes); those still open after the grace are cut.
+        await self._gate.sessions.drain(self._reactor, self._stop_grace)
         await _maybe(super().stopService())  # type: ignore[no-untyped-call]
         if self._spool is not None:
             # Commits already requested finish (their 250s go out); later
@@ -389,14 +547,21 @@ class RelayGatewayService(MultiService):
         if self._delivery is not None:
             await self._delivery.stopService()
             self._delivery = None
+        if self._admin is not None:
+            await self._admin.stop()
+            self._admin = None
         if self._factory is not None:
             self._factory.doStop()  # type: ignore[no-untyped-call]
             self._factory = None
-        self._release()
-        self._release = _nothing
+        self._release_routes()
         self._stop_auth_pool()
         self._spool = None
         self._log.info("relaygw stopped")
+
+    def _release_routes(self) -> None:
+        routes, self._routes = self._routes, None
+        if routes is not None:
+            routes.release()
 
     def _stop_auth_pool(self) -> None:
         pool, self._auth_pool = self._auth_pool, None
@@ -405,8 +570,13 @@ class RelayGatewayService(MultiService):
             pool.stop()
 
 
-def _nothing() -> None:
-    pass
+async def _all(results: Iterable[object]) -> None:
+    """Wait for every Deferred among C{results} (errors are logged, not raised)."""
+    waits = [r for r in results if isinstance(r, Deferred)]
+    if waits:
+        for ok, failure in await DeferredList(waits, consumeErrors=True):
+            if not ok:
+                RelayGatewayService._log.failure("closing a listener", failure)
 
 
 async def _maybe(result: object) -> None:

@@ -77,6 +77,7 @@ def makeService(options: Options) -> IService:
         cast(IServeReactor, reactor),
         delivery="process",
         config_path=options["config"],
+        signals=True,
     )
 
 

@@ -49,6 +49,7 @@ from __future__ import annotations
 import math
 import re
 import ssl
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -190,7 +191,7 @@ class LDAPDirectory:
             secret = password.encode("utf-8")
         except UnicodeEncodeError:
             return self._refuse(UnauthorizedLogin("unencodable password"), username)
-        d = self._run(self._authenticate, username, secret)
+        d = self._timed(self._run(self._authenticate, username, secret), "authenticate")
         d.addErrback(self._refused, username)
         return d
 
@@ -201,16 +202,33 @@ class LDAPDirectory:
         """
         if not address or "\0" in address or len(address) > MAX_NAME_LENGTH:
             return succeed(False)
-        return self._run(self._has_address, address)
+        return self._timed(self._run(self._has_address, address), "has_address")
 
     def check(self) -> Deferred[None]:
-        """@return: fires when some server accepts the service-account bind."""
-        return self._run(self._with_server, lambda conn: None)
+        """
+        @return: fires when some server accepts the service-account bind.
+            Failed servers are not logged one by one: the caller (the
+            health check, every second) gets them all in the failure.
+        """
+        return self._run(self._with_server, lambda conn: None, False)
 
     # -- reactor thread ---------------------------------------------------
 
     def _run(self, f: Callable[..., _T], *args: object) -> Deferred[_T]:
         return deferToThreadPool(self._reactor, self._pool, f, *args)
+
+    def _timed(self, d: Deferred[_T], operation: str) -> Deferred[_T]:
+        """Emit C{event="directory.request"} with the seconds C{d} took."""
+        started = time.monotonic()
+
+        def timed(result: object) -> object:
+            # No format: an event for the metrics observer, not a log line.
+            self._log.debug(event="directory.request", operation=operation,
+                            seconds=time.monotonic() - started)
+            return result
+
+        d.addBoth(timed)
+        return d
 
     def _refuse(self, error: UnauthorizedLogin, username: str) -> Deferred[AuthenticatedUser]:
         self._log_refusal(username, error)
@@ -237,8 +255,11 @@ class LDAPDirectory:
 
     # -- pool threads -----------------------------------------------------
 
-    def _with_server(self, op: Callable[[Connection], _T]) -> _T:
-        """Run C{op} on the first server that connects and answers (failover)."""
+    def _with_server(self, op: Callable[[Connection], _T], warn: bool = True) -> _T:
+        """
+        Run C{op} on the first server that connects and answers (failover),
+        logging each server that fails when C{warn}.
+        """
         problems = []
         for endpoint in self._endpoints:
             conn = None
@@ -252,7 +273,8 @@ class LDAPDirectory:
             finally:
                 if conn is not None:
                     _close(conn)
-            self._warn(endpoint.url, problem)
+            if warn:
+                self._warn(endpoint.url, problem)
             problems.append(f"{endpoint.url}: {problem}")
         raise DirectoryUnavailable("no directory server answered (" + "; ".join(problems) + ")")
 

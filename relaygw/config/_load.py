@@ -15,7 +15,9 @@ Defaults that an Exchange or Postfix administrator may look for:
     C{myhostname}); C{"localhost"} if that is not a valid host name.
   - C{gateway.spool_dir} and C{log_dir}: C{/var/spool/relaygw} and
     C{/var/log/relaygw} (FHS, like Postfix's queue directory).
-  - C{gateway.admin_listen}: C{127.0.0.1:8025}; C{""} disables it.
+  - C{gateway.admin_listen}: C{127.0.0.1:8025}; C{""} disables it.  On a
+    non-loopback address C{gateway.admin_token_file} is required (the
+    endpoint shows the queue: senders and recipients).
   - a connector's C{fqdn}: C{gateway.hostname}; its C{remote_ranges}: every
     IPv4 and IPv6 address (Exchange's default RemoteIPRanges); its
     C{certificate}: C{tls/relaygw.pem} next to the file unless C{tls = "off"};
@@ -30,6 +32,7 @@ Defaults that an Exchange or Postfix administrator may look for:
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import tomllib
@@ -74,7 +77,9 @@ DEFAULT_SOURCE = "<embedded default>"
 _ROOT = (
     "gateway", "dns", "accepted_domains", "directory", "users", "connectors", "routes", "queue",
 )  # fmt: skip
-_GATEWAY = ("hostname", "spool_dir", "log_dir", "admin_listen", "default_route")
+_GATEWAY = (
+    "hostname", "spool_dir", "log_dir", "admin_listen", "admin_token_file", "default_route",
+)  # fmt: skip
 _DOMAIN = ("domain", "type", "route", "validate_recipients")
 _DIRECTORY = (
     "kind", "servers", "start_tls", "ca_file", "bind_dn", "bind_password_file", "base_dn",
@@ -215,12 +220,20 @@ def _admin_listen(text: str) -> HostPort | None:
 
 
 def _gateway(t: Table) -> Gateway:
+    admin = t.parsed("admin_listen", _admin_listen, _ADMIN_LISTEN)
+    token = t.path("admin_token_file", None)
+    if admin is not None and token is None and not ipaddress.ip_address(admin.host).is_loopback:
+        raise t.error(
+            "admin_token_file",
+            f"required when admin_listen ({admin}) is not a loopback address",
+        )
     return Gateway(
         hostname=t.parsed("hostname", parse_hostname, "") or _default_hostname(),
         spool_dir=_path(t, "spool_dir", "/var/spool/relaygw"),
         log_dir=_path(t, "log_dir", "/var/log/relaygw"),
-        admin_listen=t.parsed("admin_listen", _admin_listen, _ADMIN_LISTEN),
+        admin_listen=admin,
         default_route=t.string("default_route", "") or None,
+        admin_token_file=token,
     )
 
 

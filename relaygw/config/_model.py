@@ -256,6 +256,9 @@ class Gateway:
     log_dir: Path
     admin_listen: HostPort | None = HostPort("127.0.0.1", 8025)
     default_route: str | None = None
+    #: The bearer token of the admin HTTP endpoint (required when
+    #: C{admin_listen} is not a loopback address).
+    admin_token_file: Path | None = None
 
 
 @frozen

@@ -83,15 +83,27 @@ class SessionFactory(ServerFactory):
     def buildProtocol(self, addr: IAddress | None) -> Session:
         return Session(self, self.config, self.selector)
 
-    def reconfigure(self, config: Config, selector: IConnectorSelector) -> None:
+    def reconfigure(
+        self,
+        config: Config,
+        selector: IConnectorSelector,
+        *,
+        portal: object | None = None,
+        directory: IDirectory | None = None,
+    ) -> None:
         """
         Use C{config} and C{selector} for sessions that start from now on;
-        sessions in progress keep what they started with.  TLS options are
-        rebuilt on next use (certificates may have changed).
+        sessions in progress keep their connector.  TLS options are rebuilt
+        on next use (certificates may have changed).  A new C{portal} and
+        C{directory} (a reload) serve the next AUTH and recipient lookups.
         """
         self.config = config
         self.selector = selector
         self._tls_cache.clear()
+        if portal is not None:
+            self.portal = portal
+        if directory is not None:
+            self.addresses = AddressLookup(directory, self._reactor)
 
     def session_id(self) -> str:
         """A new session id, unique within this process run (hex, sortable)."""

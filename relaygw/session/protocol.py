@@ -129,6 +129,11 @@ class Session(Protocol, TimeoutMixin):
         return self.state.connector
 
     @property
+    def finished(self) -> bool:
+        """Whether the connection has ended (a graceful stop waits for that)."""
+        return self._lost
+
+    @property
     def tls(self) -> TLSInfo | None:
         return self.state.tls
 
