@@ -6,7 +6,7 @@ relaygw's own seams.  Each docstring is the contract.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from zope.interface import Attribute, Interface
 
@@ -105,6 +105,19 @@ class ISpool(Interface):
         """
         The envelopes of the committed entries, oldest first, changing
         nothing (safe while another process receives into the spool).
+        """
+
+    def clean() -> int:
+        """
+        What L{recover} does, keeping no envelope in memory.
+
+        @return: the number of committed entries.
+        """
+
+    def iter_entries() -> Iterator[object]:
+        """
+        The envelopes of the committed entries one at a time, in no order,
+        changing nothing: a listing in constant memory.
         """
 
     def load(queue_id: str) -> object:

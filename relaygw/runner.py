@@ -386,9 +386,8 @@ async def _run(reactor: IServeReactor, config: Config, load_config: Callable[[],
         _log.info("delivery process: configuration reloaded")
 
     signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(reload))  # type: ignore[attr-defined]
-    entries = spool.entries()
-    _log.info("delivery process: {count} queued message(s)", count=len(entries))
-    scheduler.start(entries)
+    scheduler.start(spool.iter_entries())
+    _log.info("delivery process: {count} queued message(s) in the schedule", count=scheduler.held)
     # Started after the scheduler, so a pending delete beats the first attempts.
     control = ControlPoller(
         config.gateway.spool_dir, spool=spool, scheduler=scheduler, clock=reactor

@@ -263,13 +263,13 @@ class RelayGatewayService(MultiService):
         self._check_certificates(config.connectors, self._tls)
         try:
             spool = DirectorySpool(root, self._reactor)
-            recovered = spool.recover()
+            recovered = spool.clean()
         except OSError as error:
             raise StartupError(f"cannot use the spool {root}: {error.strerror}") from None
         self._log.info(
             "spool {spool_dir}: {count} queued message(s) recovered",
             spool_dir=str(root),
-            count=len(recovered),
+            count=recovered,
         )
         scheduler: Scheduler | None = None
         delivery: DeliveryProcess | None = None
@@ -294,7 +294,7 @@ class RelayGatewayService(MultiService):
         # here on nothing raises.
         self._spool, self._scheduler, self._factory = spool, scheduler, factory
         if scheduler is not None:
-            scheduler.start(recovered)
+            scheduler.start(spool.iter_entries())
             spool.subscribe(scheduler.enqueue)
         if delivery is not None:
             # Spawned after recovery: the child lists the committed entries.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from datetime import timedelta
 
 from attrs import evolve
@@ -35,6 +36,7 @@ class MemorySpool:
         self.updates: list[Envelope] = []
         self.removed: list[str] = []
         self.fail_updates = 0
+        self.scans = 0
 
     def add(self, envelope: Envelope) -> Envelope:
         self.entries[envelope.id] = envelope
@@ -45,6 +47,13 @@ class MemorySpool:
 
     def recover(self) -> list[object]:
         return list(self.entries.values())
+
+    def clean(self) -> int:
+        return len(self.entries)
+
+    def iter_entries(self) -> Iterator[Envelope]:
+        self.scans += 1
+        return iter(list(self.entries.values()))
 
     def load(self, queue_id: str) -> Envelope:
         return self.entries[queue_id]
@@ -148,7 +157,9 @@ def envelope(queue_id: str, *rcpts: str, received_at: float = T0, next_attempt: 
     )
 
 
-class SchedulerTests(SynchronousTestCase):
+class Harness(SynchronousTestCase):
+    """A scheduler on a Clock over a MemorySpool, with scripted targets."""
+
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(T0)
@@ -158,8 +169,12 @@ class SchedulerTests(SynchronousTestCase):
         self.notifier = RecordingNotifier()
         self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
 
-    def scheduler(self, concurrency: dict[str, int] | None = None, max_active: int = 100) -> Scheduler:
+    def scheduler(
+        self, concurrency: dict[str, int] | None = None, max_active: int = 100, window: int = 10_000
+    ) -> Scheduler:
         return Scheduler(
+            window=window,
+            rescan_interval=60.0,
             spool=self.spool,
             router=DomainRouter(),
             targets={"local": self.local, "other": self.other},
@@ -172,6 +187,9 @@ class SchedulerTests(SynchronousTestCase):
 
     def submit(self, s: Scheduler, env: Envelope) -> None:
         s.enqueue(self.spool.add(env))
+
+
+class SchedulerTests(Harness):
 
     def test_enqueue_starts_on_next_turn(self) -> None:
         """An enqueued message is tried at once, on the next reactor turn (callLater(0))."""
@@ -591,3 +609,66 @@ class NotificationTests(SynchronousTestCase):
         self.clock.advance(60)
         self.assertEqual(len(self.notifier.calls), 1)
         self.assertTrue(self.spool.entries["A"].delay_warned)
+
+
+class WindowTests(Harness):
+    """The bounded window over the spool: more entries than it holds."""
+
+    def test_window_bounds_the_ids_held_and_every_entry_is_delivered_once(self) -> None:
+        """
+        50 entries, all due, a window of 10 and 3 at a time: at most 10 ids
+        are held at any moment; each rescan takes the earliest again; all 50
+        are delivered, none twice, in due order within each window.
+        """
+        for n in range(50):
+            self.spool.add(envelope(f"E{n:02d}", f"r{n}@local.test", next_attempt=T0 - 50 + n))
+        s = self.scheduler(window=10, max_active=3)
+        s.start(self.spool.iter_entries())
+        self.assertEqual(s.held, 10)
+        self.assertEqual(sorted(s.next_attempt(f"E{n:02d}") or 0 for n in range(10)),
+                         [T0 - 50 + n for n in range(10)])
+        held = []
+        for _ in range(10):
+            self.clock.advance(0)
+            held.append(s.held)
+            self.clock.advance(60)  # a rescan
+        self.assertLessEqual(max(held), 10)
+        delivered = [queue_id for queue_id, _ in self.local.calls]
+        self.assertEqual(sorted(delivered), [f"E{n:02d}" for n in range(50)])
+        self.assertEqual(len(set(delivered)), 50)
+        self.assertEqual(delivered[:10], [f"E{n:02d}" for n in range(10)])
+        self.assertEqual(self.spool.entries, {})
+
+    def test_full_window_keeps_deferred_entries_on_disk(self) -> None:
+        """
+        A deferred entry that finds the window full waits in the spool; a
+        new entry due at once is still tried at once.
+        """
+        for n in range(5):
+            self.spool.add(envelope(f"L{n}", f"r{n}@local.test", next_attempt=T0 + 3600))
+        s = self.scheduler(window=5)
+        s.start(self.spool.iter_entries())
+        self.local.script = {"late@local.test": [LATER, OK]}
+        self.submit(s, envelope("NEW", "late@local.test"))
+        self.clock.advance(0)
+        self.assertEqual(self.local.calls, [("NEW", ("late@local.test",))])
+        self.assertIsNone(s.next_attempt("NEW"))  # not held: the window is full
+        self.assertEqual(s.held, 5)
+        self.assertEqual(self.spool.entries["NEW"].next_attempt, T0 + 60)
+        # The rescan 60 s later finds it due (in place of a later entry),
+        # and it is tried at once.
+        scans = self.spool.scans
+        self.clock.advance(60)
+        self.assertEqual(self.spool.scans, scans + 1)
+        self.assertEqual(self.local.calls[-1], ("NEW", ("late@local.test",)))
+        self.assertNotIn("NEW", self.spool.entries)
+        self.assertEqual(s.held, 4)
+
+    def test_no_rescans_while_everything_fits(self) -> None:
+        for n in range(5):
+            self.spool.add(envelope(f"L{n}", f"r{n}@local.test", next_attempt=T0 + 3600))
+        s = self.scheduler(window=10)
+        s.start(self.spool.iter_entries())
+        scans = self.spool.scans
+        self.clock.advance(600)
+        self.assertEqual(self.spool.scans, scans)

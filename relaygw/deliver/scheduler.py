@@ -8,6 +8,13 @@ is the truth, the schedule is rebuilt from it at start (L{Scheduler.start}).
 At most C{max_active} messages are in flight, and at most
 C{concurrency[route]} deliveries per route.
 
+The schedule is a bounded window: it holds the C{window} earliest entries
+(ids and times only; envelopes are read per attempt).  When the spool holds
+more, the others wait on disk and a rescan every C{rescan_interval} seconds
+(in a thread when the reactor has them) takes the earliest again, so an
+entry outside the window is tried at most that much after its time.  New
+entries due at once always get in.
+
 An attempt loads the envelope, groups its queued recipients by route, calls
 each route's target once with all of that route's recipients, records the
 outcomes in the envelope, and then removes the entry (nothing queued) or
@@ -30,8 +37,9 @@ import re
 from typing import Callable, Iterable, Mapping, cast
 
 from attrs import evolve
-from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, maybeDeferred
+from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from relaygw.config._model import Queue
@@ -76,6 +84,8 @@ class Scheduler:
         notifier: INotifier,
         max_active: int = 100,
         stop_timeout: float = 30.0,
+        window: int = 10_000,
+        rescan_interval: float = 60.0,
     ) -> None:
         """
         @param spool: the durable queue (load, open_data, update, remove).
@@ -87,6 +97,9 @@ class Scheduler:
         @param notifier: spools the bounces and delay warnings.
         @param max_active: messages in flight at once.
         @param stop_timeout: seconds L{stop} waits for deliveries in flight.
+        @param window: the most queue ids held in memory (see above).
+        @param rescan_interval: seconds between rescans of the spool while
+            it holds entries outside the window.
         """
         self._spool = spool
         self._clock = clock
@@ -100,14 +113,22 @@ class Scheduler:
         self._timer: IDelayedCall | None = None
         self._stopping = False
         self._idle: list[Deferred[None]] = []
+        self._window = max(1, window)
+        self._rescan_interval = rescan_interval
+        #: Whether the spool may hold entries the window does not.
+        self._overflow = False
+        self._rescan_call: IDelayedCall | None = None
+        self._scanning = False
         self.reconfigure(router, targets, concurrency, queue)
 
     # -- public API ---------------------------------------------------------
 
     def start(self, envelopes: Iterable[Envelope]) -> None:
-        """Schedule the entries recovered from the spool, each at its C{next_attempt}."""
-        for envelope in envelopes:
-            self._schedule(envelope.id, envelope.next_attempt)
+        """
+        Schedule the entries listed from the spool, each at its
+        C{next_attempt}: the C{window} earliest, read one at a time.
+        """
+        self._merge(*_earliest_of(envelopes, self._window))
         self._arm()
 
     def enqueue(self, envelope: Envelope) -> None:
@@ -135,6 +156,9 @@ class Scheduler:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        if self._rescan_call is not None and self._rescan_call.active():
+            self._rescan_call.cancel()
+        self._rescan_call = None
         d: Deferred[None] = Deferred()
         if not self._active:
             d.callback(None)
@@ -170,6 +194,11 @@ class Scheduler:
         """The queue ids in flight."""
         return frozenset(self._active)
 
+    @property
+    def held(self) -> int:
+        """How many queue ids the window holds."""
+        return len(self._due)
+
     def next_attempt(self, queue_id: str) -> float | None:
         """When C{queue_id} is next tried; C{None} when it is not waiting."""
         return self._due.get(queue_id)
@@ -191,6 +220,9 @@ class Scheduler:
         current = self._due.get(queue_id)
         if current is not None and current <= when:
             return
+        if current is None and len(self._due) >= self._window and when > self._clock.seconds():
+            self._overflow = True  # it waits in the spool for a rescan
+            return
         self._due[queue_id] = when
         if queue_id not in self._active:
             heapq.heappush(self._heap, (when, next(self._seq), queue_id))
@@ -207,12 +239,59 @@ class Scheduler:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        if self._overflow and self._rescan_call is None and not self._scanning:
+            if not self._stopping:
+                self._rescan_call = self._clock.callLater(self._rescan_interval, self._rescan)
         if self._stopping or len(self._active) >= self._max_active:
             return
         when = self._earliest()
         if when is not None:
             delay = max(0.0, when - self._clock.seconds())
             self._timer = self._clock.callLater(delay, self._run_due)
+
+    def _merge(self, earliest: list[tuple[float, str]], listed: int) -> None:
+        """
+        Add the C{earliest} of C{listed} spool entries to the window, then
+        trim it to C{window} ids by dropping the latest (they stay on disk).
+        """
+        for when, queue_id in earliest:
+            if queue_id not in self._active and queue_id not in self._due:
+                self._due[queue_id] = when
+        overflow = listed > len(earliest)
+        if len(self._due) > self._window:
+            kept = heapq.nsmallest(self._window, self._due.items(), key=lambda item: item[1])
+            self._due = dict(kept)
+            overflow = True
+        self._overflow = overflow
+        self._heap = [(when, next(self._seq), queue_id) for queue_id, when in self._due.items()]
+        heapq.heapify(self._heap)
+
+    def _rescan(self) -> None:
+        self._rescan_call = None
+        if self._stopping:
+            return
+        self._scanning = True
+        self._overflow = False  # set again by the merge, or by _schedule meanwhile
+        listing = functools.partial(_earliest_of, self._spool.iter_entries(), self._window)
+        if IReactorThreads.providedBy(self._clock):
+            # Reading 100,000 envelopes takes seconds: not on the reactor thread.
+            reactor = cast(IReactorThreads, self._clock)
+            d = deferToThreadPool(self._clock, reactor.getThreadPool(), listing)
+        else:
+            d = maybeDeferred(listing)
+
+        def merge(found: tuple[list[tuple[float, str]], int]) -> None:
+            overflow_meanwhile = self._overflow
+            self._merge(*found)
+            self._overflow = self._overflow or overflow_meanwhile
+
+        def done(_: object) -> None:
+            self._scanning = False
+            self._arm()
+
+        d.addCallback(merge)
+        d.addErrback(lambda f: self._log.failure("Rescanning the spool failed", f))
+        d.addBoth(done)
 
     def _run_due(self) -> None:
         self._timer = None
@@ -417,6 +496,21 @@ class Scheduler:
             self._log.warn(
                 "FAIL {queue_id} {recipient} via {route}: {reply}", event_id="FAIL", **fields
             )
+
+
+def _earliest_of(envelopes: Iterable[object], count: int) -> tuple[list[tuple[float, str]], int]:
+    """The C{count} earliest (next attempt, queue id) of C{envelopes}, and how many there were."""
+    listed = 0
+
+    def keys() -> Iterable[tuple[float, str]]:
+        nonlocal listed
+        for envelope in envelopes:
+            listed += 1
+            if isinstance(envelope, Envelope):
+                yield envelope.next_attempt, envelope.id
+
+    earliest = heapq.nsmallest(count, keys())
+    return earliest, listed
 
 
 def _last(rcpt: Recipient) -> Outcome:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import errno
 import os
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
@@ -243,42 +243,81 @@ class DirectorySpool:
     # ISpool says list[object]; list is invariant, and callers want Envelopes.
     def recover(self) -> list[Envelope]:  # type: ignore[override]
         """
+        Clean up after a crash (L{clean}) and list the committed entries.
+
+        @return: their envelopes, oldest first (C{received_at}, then id).
+        """
+        envelopes = list(self._scan(clean=True))
+        envelopes.sort(key=lambda e: (e.received_at, e.id))
+        return envelopes
+
+    def clean(self) -> int:
+        """
         Clean up after a crash: delete temporary files (entries and updates
         being written) and updates whose entry is gone; move entries that
         cannot be read, with their updates, and envelope files of the older
-        two-file layout into C{corrupt/}.
+        two-file layout into C{corrupt/}.  Streams: no envelope is kept, so
+        a spool of any size recovers in constant memory.
 
-        @return: the envelopes of the committed entries, oldest first
-            (C{received_at}, then id).
+        @return: the number of committed entries.
         """
+        return sum(1 for _ in self._scan(clean=True))
+
+    def entries(self) -> list[Envelope]:  # type: ignore[override]
+        """
+        The envelopes of the committed entries, oldest first, changing
+        nothing (L{iter_entries}, sorted).
+        """
+        envelopes = list(self.iter_entries())
+        envelopes.sort(key=lambda e: (e.received_at, e.id))
+        return envelopes
+
+    def iter_entries(self) -> Iterator[Envelope]:
+        """
+        The envelopes of the committed entries, one at a time, in no order,
+        changing nothing: for the delivery process, which shares the spool
+        with a receiving process that may be writing entries right now.
+        Entries that cannot be read are logged and left for L{clean}.
+        """
+        return self._scan(clean=False)
+
+    def _scan(self, *, clean: bool) -> Iterator[Envelope]:
+        # The names only (about 100 bytes each): the envelopes are read and
+        # handed on one at a time.
         names = {entry.name for entry in os.scandir(self._queue)}
-        envelopes: list[Envelope] = []
         changed = False
-        for name in sorted(names):
-            path = self._queue / name
+        for name in sorted(names) if clean else names:
             queue_id = name.partition(".")[0]
-            if name == queue_id + TEMPORARY:
+            if name.endswith(ENTRY):
+                found = self._check(queue_id, names)
+                if isinstance(found, Envelope):
+                    yield found
+                elif clean:
+                    self._quarantine(queue_id, found, (ENTRY, _UPDATE))
+                    changed = True
+                else:
+                    self._log.warn(
+                        "Spool: skipping entry {queue_id}: {problem}",
+                        queue_id=queue_id,
+                        problem=found,
+                    )
+            elif not clean:
+                continue
+            elif name == queue_id + TEMPORARY:
                 self._log.warn(
                     "Spool: removing partial entry {queue_id} (its commit never finished)",
                     queue_id=queue_id,
                 )
-                _unlink_quietly(path)
+                _unlink_quietly(self._queue / name)
                 changed = True
             elif name.endswith(TEMPORARY):
                 self._log.info("Spool: removing temporary file {name}", name=name)
-                _unlink_quietly(path)
+                _unlink_quietly(self._queue / name)
                 changed = True
-            elif name.endswith(ENTRY):
-                found = self._check(queue_id, names)
-                if isinstance(found, Envelope):
-                    envelopes.append(found)
-                else:
-                    self._quarantine(queue_id, found, (ENTRY, _UPDATE))
-                    changed = True
             elif name.endswith(_UPDATE):
                 if queue_id + ENTRY not in names:
                     self._log.info("Spool: removing update {name} of a removed entry", name=name)
-                    _unlink_quietly(path)
+                    _unlink_quietly(self._queue / name)
                     changed = True
             elif name.endswith(_OLD_ENVELOPE):
                 problem = "an envelope file of the older two-file spool layout"
@@ -288,32 +327,6 @@ class DirectorySpool:
                 self._log.warn("Spool: ignoring unknown file {name}", name=name)
         if changed:
             os.fsync(self._directory_fd())
-        envelopes.sort(key=lambda e: (e.received_at, e.id))
-        return envelopes
-
-    def entries(self) -> list[Envelope]:  # type: ignore[override]
-        """
-        The envelopes of the committed entries, oldest first, changing
-        nothing: for the delivery process, which shares the spool with a
-        receiving process that may be writing entries right now.  Entries
-        that cannot be read are logged and left for L{recover}.
-        """
-        names = {entry.name for entry in os.scandir(self._queue)}
-        envelopes: list[Envelope] = []
-        for name in names:
-            if name.endswith(ENTRY):
-                queue_id = name[: -len(ENTRY)]
-                found = self._check(queue_id, names)
-                if isinstance(found, Envelope):
-                    envelopes.append(found)
-                else:
-                    self._log.warn(
-                        "Spool: skipping entry {queue_id}: {problem}",
-                        queue_id=queue_id,
-                        problem=found,
-                    )
-        envelopes.sort(key=lambda e: (e.received_at, e.id))
-        return envelopes
 
     def _read_update(self, queue_id: str) -> bytes | None:
         """The entry's update file's content; C{None} when it has none."""
