@@ -39,6 +39,7 @@ from relaygw._types import IServeReactor
 from relaygw.config._model import Config, Connector
 from relaygw.interfaces import IDirectory
 from relaygw.listen.bindings import ListenError, ListenSocket, listen_on, plan_sockets
+from relaygw.listen.proxy import ProxyFactory
 from relaygw.listen.tls import ServerTLSOptions, TLSSetupError, ensure_certificate
 from relaygw.reload import Sessions, install_signals, read_config, restart_only, socket_changes
 from relaygw.runner import DeliveryProcess, Routes, build_routes, build_scheduler, reconfigure
@@ -302,7 +303,8 @@ class RelayGatewayService(MultiService):
             delivery.startService()
             spool.subscribe(lambda envelope: delivery.notify(envelope.id))
         factory.doStart()  # type: ignore[no-untyped-call]
-        self._gate.target = self._factory
+        # PROXY bindings read the header before the session starts (SPEC section 2).
+        self._gate.target = ProxyFactory(factory, lambda: factory.config, self._reactor)
         if self._signals:
             install_signals(cast(IReactorCore, self._reactor), self.reload)
         # Test fixtures and operators wait for this line: a bound socket

@@ -10,7 +10,7 @@ C{startTLS} and what had been written before it.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from pathlib import Path
@@ -150,6 +150,12 @@ class RecordingSpool:
 
     def entries(self) -> list[object]:
         return [e for e, _ in self.committed]
+
+    def clean(self) -> int:
+        return len(self.committed)
+
+    def iter_entries(self) -> Iterator[object]:
+        return iter(self.entries())
 
     def load(self, queue_id: str) -> object:
         for envelope, _ in self.committed:
