@@ -21,7 +21,7 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList
@@ -33,7 +33,7 @@ from twisted.internet.interfaces import (
     IReactorTime,
 )
 from twisted.internet.protocol import ServerFactory
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher
 
 from relaygw._types import IServeReactor
 from relaygw.config._model import Config, Connector
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
     from relaygw.deliver.scheduler import Scheduler
     from relaygw.ops.admin import AdminServer
+    from relaygw.ops.tracking import TrackingLog
     from relaygw.session.factory import SessionFactory
     from relaygw.spool.store import DirectorySpool
 
@@ -180,6 +181,8 @@ class RelayGatewayService(MultiService):
         signals: bool = False,
         stop_grace: float = STOP_SESSIONS_GRACE,
         admin: bool | None = None,
+        tracking: bool = True,
+        log_publisher: Any = globalLogPublisher,
     ) -> None:
         """
         @param config: a validated configuration.
@@ -197,6 +200,11 @@ class RelayGatewayService(MultiService):
             (L{relaygw.ops.admin}); C{None}: with C{delivery="process"} (what
             twistd runs), not inline, so that tests and embedders do not take
             the default port 8025 unasked.
+        @param tracking: write the message tracking log
+            (L{relaygw.ops.tracking}) under C{gateway.log_dir}, in this
+            process for both (the delivery process's events are re-published
+            here), with either delivery mode.
+        @param log_publisher: what the tracking log observes.
         """
         super().__init__()  # type: ignore[no-untyped-call]
         self.config = config
@@ -217,6 +225,9 @@ class RelayGatewayService(MultiService):
         self._auth_pool: ThreadPool | None = None
         self._admin_wanted = delivery == "process" if admin is None else admin
         self._admin: AdminServer | None = None
+        self._tracking_wanted = tracking
+        self._log_publisher = log_publisher
+        self._tracking: TrackingLog | None = None
 
     @property
     def ports(self) -> tuple[IListeningPort, ...]:
@@ -294,6 +305,12 @@ class RelayGatewayService(MultiService):
         # Nothing above leaves timers or threads behind if it raises; from
         # here on nothing raises.
         self._spool, self._scheduler, self._factory = spool, scheduler, factory
+        if self._tracking_wanted:
+            # Before any session or delivery, so that every event is a row.
+            from relaygw.ops.tracking import TrackingLog
+
+            self._tracking = TrackingLog(config.gateway.log_dir, self._reactor)
+            self._tracking.start(self._log_publisher)
         if scheduler is not None:
             scheduler.start(spool.iter_entries())
             spool.subscribe(scheduler.enqueue)
@@ -552,6 +569,10 @@ class RelayGatewayService(MultiService):
         if self._admin is not None:
             await self._admin.stop()
             self._admin = None
+        if self._tracking is not None:
+            # After delivery stopped: its last events are rows too.
+            await self._tracking.stop()
+            self._tracking = None
         if self._factory is not None:
             self._factory.doStop()  # type: ignore[no-untyped-call]
             self._factory = None

@@ -102,6 +102,27 @@ class ProxyHarness:
         return protocol, transport
 
 
+class _TLSLayer:
+    """What C{startTLS} puts between a TCP transport and its protocol: records what it gets."""
+
+    def __init__(self, wrapped: object) -> None:
+        self.wrappedProtocol = wrapped
+        self.received: list[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received.append(data)
+
+
+class _LayeredTransport(TLSStringTransport):
+    """A transport that, like TCP's, delivers to a TLS layer once C{startTLS} ran."""
+
+    protocol: Any = None
+
+    def startTLS(self, options: object) -> None:
+        super().startTLS(options)
+        self.protocol = _TLSLayer(self.protocol)
+
+
 def session_of(protocol: Any) -> Session:
     assert isinstance(protocol, ProxiedConnection)
     session = protocol.wrapped
@@ -301,6 +322,26 @@ class ProxiedSessionTests(SynchronousTestCase):
         protocol.dataReceived(b"PROXY TCP4 192.0.2.10 198.51.100.1 40000 25\r\n")
         self.assertEqual(transport.tls_started, ["options"])
         self.assertEqual(transport.written_before_tls, b"")
+
+    def test_bytes_after_header_go_to_the_tls_layer(self) -> None:
+        """
+        With implicit TLS, bytes that came with the header (the ClientHello)
+        go to the TLS layer the transport delivers to from then on.
+        """
+        proxy = ProxyHarness(*proxied_connectors(tls="implicit"))
+        proxy.harness.factory._tls_options = lambda connector: "options"
+        transport = _LayeredTransport(
+            hostAddress=IPv4Address("TCP", "127.0.0.1", 2525),
+            peerAddress=IPv4Address("TCP", PROXY_IP, 50000),
+        )
+        protocol = proxy.factory.buildProtocol(transport.getPeer())
+        transport.protocol = protocol
+        protocol.makeConnection(transport)  # type: ignore[union-attr]
+        protocol.dataReceived(  # type: ignore[union-attr]
+            b"PROXY TCP4 192.0.2.10 198.51.100.1 40000 25\r\n\x16\x03\x01hello"
+        )
+        self.assertEqual(transport.protocol.received, [b"\x16\x03\x01hello"])
+        self.assertEqual(session_of(protocol).state.client_ip, "192.0.2.10")
 
     def test_reload_changes_the_rules(self) -> None:
         """After a reconfigure without PROXY, new connections are greeted at once."""

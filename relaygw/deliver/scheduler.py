@@ -418,9 +418,9 @@ class Scheduler:
                 self._log.warn(
                     "EXPIRE {queue_id} {recipient}: last reply {last_reply}",
                     event_id="EXPIRE",
-                    queue_id=envelope.id,
                     recipient=rcpt.address,
                     last_reply=rcpt.last_reply,
+                    **_tracking(envelope),
                 )
                 outcomes[rcpt.address] = _expired(rcpt.last_reply)
         failed = [
@@ -473,16 +473,13 @@ class Scheduler:
     def _note(self, envelope: Envelope, address: str, route: str, outcome: Outcome) -> None:
         code, enhanced = _codes(outcome.reply)
         fields = dict(
-            queue_id=envelope.id,
-            message_id=envelope.message_id,
-            sender=envelope.sender,
+            _tracking(envelope),
             route=route,
             recipient=address,
             smtp_code=code,
             enhanced_code=enhanced,
             remote_host=outcome.remote_host,
             reply=outcome.reply,
-            size=envelope.size,
         )
         if outcome.kind == "delivered":
             self._log.info(
@@ -496,6 +493,19 @@ class Scheduler:
             self._log.warn(
                 "FAIL {queue_id} {recipient} via {route}: {reply}", event_id="FAIL", **fields
             )
+
+
+def _tracking(envelope: Envelope) -> dict[str, object]:
+    """The fields of a message that every tracking row of it carries."""
+    return dict(
+        queue_id=envelope.id,
+        message_id=envelope.message_id,
+        sender=envelope.sender,
+        connector=envelope.connector,
+        client_ip=envelope.client_ip,
+        auth_user=envelope.auth_user,
+        size=envelope.size,
+    )
 
 
 def _earliest_of(envelopes: Iterable[object], count: int) -> tuple[list[tuple[float, str]], int]:

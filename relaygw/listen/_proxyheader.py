@@ -109,14 +109,14 @@ def _v1_address(version: int, host: bytes, port: bytes) -> _IPAddress:
 def _parse_v2(data: bytes) -> tuple[ProxyHeader, bytes] | None:
     if len(data) < 16:
         return None
+    if data[12] >> 4 != 2:
+        raise HeaderError(f"v2 header of version {data[12] >> 4}")
     (length,) = struct.unpack("!H", data[14:16])
     if length > V2_MAX_PAYLOAD:
         raise HeaderError(f"v2 header of {length} bytes, more than {V2_MAX_PAYLOAD}")
     if len(data) < 16 + length:
         return None
     header, rest = data[: 16 + length], data[16 + length :]
-    if header[12] >> 4 != 2:
-        raise HeaderError(f"v2 header of version {header[12] >> 4}")
     try:
         info = V2Parser.parse(header)
     except (InvalidProxyHeader, KeyError, ValueError, struct.error):

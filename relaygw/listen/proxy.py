@@ -225,12 +225,8 @@ class ProxiedConnection(Protocol):
         self.header, rest = parsed
         self._buffer = b""
         self._cancel_timer()
-        _log.debug(
-            "PROXY v{version} {command} from {proxy}: client {peer}",
-            event="receive.proxy", version=self.header.version, command=self.header.command,
-            proxy=_show(self._real_peer()), peer=_show(self.getPeer()),
-            local=_show(self.getHost()),
-        )
+        # Not logged: HAProxy's checks would write a line each; the session
+        # logs the client; the header stays in self.header for later use.
         self._start(rest)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
