@@ -271,10 +271,3 @@ def test_queue_help_names_its_actions(capsys: pytest.CaptureFixture[str]) -> Non
     for action in ("list", "show", "retry", "delete"):
         assert f"\n    {action} " in listed
 
-
-def test_track_is_not_available_yet(config_file: str) -> None:
-    """track is listed but says plainly that there is no tracking log yet (status 1)."""
-    out, err = io.StringIO(), io.StringIO()
-    assert run(["track", "-c", config_file, "--sender", "a@example.test"], out, err) == 1
-    assert out.getvalue() == ""
-    assert "not written yet" in err.getvalue()

@@ -101,12 +101,34 @@ def _parser() -> argparse.ArgumentParser:
     test = with_config("test-auth", "check a password and show the user's rights")
     test.add_argument("user", metavar="USER", help="the login name")
     _queue_parser(sub)
-    track = with_config("track", "search the message tracking log (not available yet)")
-    track.add_argument("--sender", metavar="S")
-    track.add_argument("--recipient", metavar="R")
-    track.add_argument("--message-id", metavar="M")
-    track.add_argument("--since", metavar="DURATION")
+    track = with_config("track", "search the message tracking log (like Get-MessageTrackingLog)")
+    track.add_argument("--sender", metavar="S", help="envelope sender (* and ? are wildcards)")
+    track.add_argument("--recipient", metavar="R", help="recipient (* and ? are wildcards)")
+    track.add_argument("--message-id", metavar="M", help="the Message-ID header, <> optional")
+    track.add_argument("--queue-id", metavar="ID", help="the queue id (InternalId)")
+    track.add_argument("--connector", metavar="NAME", help="the receive connector")
+    track.add_argument("--client-ip", metavar="IP", help="the client's address or a CIDR")
+    track.add_argument("--event", action="append", default=[], metavar="EVENT",
+                       help="RECEIVE, DELIVER, DEFER, FAIL, DSN or EXPIRE (repeatable)")
+    track.add_argument("--since", metavar="WHEN",
+                       help="a duration back from now (30m, 2h, 7d) or a UTC time")
+    track.add_argument("--json", action="store_true", help="print JSON, every field")
     return parser
+
+
+def _track(args: argparse.Namespace) -> tuple[int, str]:
+    import time
+
+    from relaygw.cli.track import Query, parse_since, track
+
+    try:
+        since = None if args.since is None else parse_since(args.since, time.time())
+    except ValueError as error:
+        return 1, f"relaygw track: {error}"
+    query = Query(sender=args.sender, recipient=args.recipient, message_id=args.message_id,
+                  queue_id=args.queue_id, connector=args.connector, client_ip=args.client_ip,
+                  events=tuple(args.event), since=since)
+    return track(args.config, query, as_json=args.json)
 
 
 def _queue_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -211,7 +233,7 @@ def run(
             elif args.command == "queue":
                 status, text = _queue(args)
             else:
-                status, text = 1, "relaygw track: the message tracking log is not written yet"
+                status, text = _track(args)
             print(text, file=out if status == 0 else err)
             return status
         if args.command == "connectors":

@@ -228,8 +228,7 @@ class TrackingFiles:
         """Remove the files whose day ended more than C{max_age} before C{now}."""
         removed = []
         for day, _, path in _files(self.directory):
-            end = datetime.strptime(day, "%Y%m%d").replace(tzinfo=timezone.utc) + timedelta(1)
-            if end.timestamp() + self._max_age.total_seconds() < now:
+            if _day_end(day) + self._max_age.total_seconds() < now:
                 try:
                     path.unlink()
                     removed.append(path)
@@ -364,6 +363,12 @@ class TrackingLog:
             self._pool = None
 
 
+def _day_end(day: str) -> float:
+    """The end of a file name's C{yyyymmdd} day, UTC, in seconds."""
+    return (datetime.strptime(day, "%Y%m%d").replace(tzinfo=timezone.utc)
+            + timedelta(days=1)).timestamp()
+
+
 def _files(directory: Path) -> list[tuple[str, int, Path]]:
     """The tracking files in C{directory}: (day, number, path), in order."""
     try:
@@ -378,14 +383,17 @@ def _files(directory: Path) -> list[tuple[str, int, Path]]:
     return sorted(found)
 
 
-def read_rows(log_dir: Path) -> Iterator[dict[str, str]]:
+def read_rows(log_dir: Path, since: float | None = None) -> Iterator[dict[str, str]]:
     """
     Every row of every tracking file under C{log_dir} (rotated ones
     included), oldest file first, keyed by the file's C{#Fields}.
 
+    @param since: skip the files whose (UTC) day ended before this time.
     @raise OSError: a file cannot be read.
     """
-    for _, _, path in _files(tracking_dir(log_dir)):
+    for day, _, path in _files(tracking_dir(log_dir)):
+        if since is not None and _day_end(day) < since:
+            continue
         with open(path, encoding="utf-8", errors="replace", newline="") as f:
             fields = list(FIELDS)
             for values in csv.reader(f):
