@@ -53,8 +53,11 @@ from tests.servers.sink import SmtpSink  # noqa: E402
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 
 
-def relaygw_config(port: int, admin: int, sink: int) -> str:
-    """The relaygw side: one relaying connector, the test domain routed to the sink."""
+def relaygw_config(port: int, admin: int, sink: int, protocol_logging: str = "none") -> str:
+    """
+    The relaygw side: one relaying connector, the test domain routed to the
+    sink; C{protocol_logging} for both (the SmtpReceive and SmtpSend logs).
+    """
     return f"""
 [gateway]
 hostname = "gw.bench.test"
@@ -73,6 +76,7 @@ via = "smarthost"
 smarthosts = ["127.0.0.1:{sink}"]
 tls = "off"
 max_concurrency = 20
+protocol_logging = "{protocol_logging}"
 
 [[connectors]]
 name = "Bench"
@@ -80,32 +84,58 @@ bindings = ["127.0.0.1:{port}"]
 remote_ranges = ["127.0.0.0/8"]
 tls = "off"
 permissions.anonymous = ["submit"]
-protocol_logging = "none"
+protocol_logging = "{protocol_logging}"
 message_rate_limit = "10000000/m"
 max_connections_per_ip = 1000
 """
 
 
-def tree_cpu_seconds(leader: int) -> float:
-    """
-    utime + stime (reaped children included) of every process in the session
-    or process group led by C{leader}, or of C{leader} alone.
-    """
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
+def _proc_stats() -> dict[int, list[str]]:
+    """/proc/PID/stat fields after the command name (fields[0] is stat field 3), per PID."""
+    stats = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+                stats[int(entry)] = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        # fields[0] is stat field 3: pgrp is 5, session 6; utime..cstime are 14..17.
-        pid, pgrp, session = int(entry), int(fields[2]), int(fields[3])
-        if pid == leader or pgrp == leader or session == leader:
-            total += sum(int(fields[i]) for i in (11, 12, 13, 14))
-    return total / tick
+    return stats
+
+
+def tree_pids(leader: int, stats: dict[int, list[str]] | None = None) -> list[int]:
+    """
+    C{leader}, every process in the session or process group it leads, and
+    all their descendants: relaygw's delivery process shares the bench's
+    process group (Twisted's spawnProcess makes no session), Postfix's
+    daemons share master's session.
+    """
+    stats = _proc_stats() if stats is None else stats
+    # fields[1] is ppid (stat field 4), [2] pgrp, [3] session.
+    found = {pid for pid, f in stats.items()
+             if pid == leader or int(f[2]) == leader or int(f[3]) == leader}
+    children: dict[int, list[int]] = {}
+    for pid, f in stats.items():
+        children.setdefault(int(f[1]), []).append(pid)
+    todo = list(found)
+    while todo:
+        for kid in children.get(todo.pop(), ()):
+            if kid not in found:
+                found.add(kid)
+                todo.append(kid)
+    return sorted(found)
+
+
+def tree_cpu_seconds(leader: int) -> float:
+    """
+    utime + stime (reaped children included) of C{leader}'s tree (L{tree_pids}).
+    """
+    stats = _proc_stats()
+    # utime, stime, cutime, cstime are stat fields 14..17.
+    total = sum(sum(int(stats[pid][i]) for i in (11, 12, 13, 14))
+                for pid in tree_pids(leader, stats))
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 class Target:
@@ -158,7 +188,7 @@ class BenchFailed(Exception):
 
 
 @contextlib.contextmanager
-def side_by_side() -> Iterator[tuple[list[Target], RelaygwProcess]]:
+def side_by_side(protocol_logging: str = "none") -> Iterator[tuple[list[Target], RelaygwProcess]]:
     """
     relaygw and a private Postfix, each relaying to its own smtp-sink, in a
     fresh directory under /tmp; everything stopped (by PID) and removed after.
@@ -170,7 +200,7 @@ def side_by_side() -> Iterator[tuple[list[Target], RelaygwProcess]]:
     gw_port, admin, pf_port, gw_sink_port, pf_sink_port = free_ports(5)
     gw_sink = SmtpSink(root / "gw-sink", gw_sink_port)
     pf_sink = SmtpSink(root / "pf-sink", pf_sink_port)
-    gateway = RelaygwProcess(root / "relaygw", relaygw_config(gw_port, admin, gw_sink_port),
+    gateway = RelaygwProcess(root / "relaygw", relaygw_config(gw_port, admin, gw_sink_port, protocol_logging),
                              ports=[gw_port])
     postfix = PostfixInstance(root / "postfix", pf_port, pf_sink_port, smtpd_limit=200)
     try:
@@ -205,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seconds", type=float, default=600.0, help="whole benchmark")
     parser.add_argument("--check", action="store_true", help="exit 1 below --min-ratio")
     parser.add_argument("--min-ratio", type=float, default=0.7)
+    parser.add_argument("--protocol-logging", choices=("none", "verbose"), default="none",
+                        help="the connector's and the route's protocol_logging")
     args = parser.parse_args(argv)
 
     problems = [p for p in (installed_problem(), postfix_available()) if p]
@@ -217,9 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     deadline = time.monotonic() + args.max_seconds
     ratios = []
     try:
-        with side_by_side() as (targets, gateway):
+        with side_by_side(args.protocol_logging) as (targets, gateway):
             print(f"bench_accept: smtp-source -s {args.sessions} -l {args.size}, "
-                  f"{args.rounds} rounds x {args.messages} messages, warm-up {args.warmup}; "
+                  f"{args.rounds} rounds x {args.messages} messages, warm-up {args.warmup}, "
+                  f"protocol_logging = {args.protocol_logging}; "
                   f"{os.cpu_count()} CPUs", flush=True)
             for t in targets:
                 run_load(t, args.warmup, args, deadline)

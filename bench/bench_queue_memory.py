@@ -68,6 +68,59 @@ def status(pid: int) -> dict[str, int]:
     return out
 
 
+def _role(pid: int) -> str:
+    """A child's part, from its command line (C{python -m relaygw.runner}: delivery)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "child"
+    module = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == b"-m"), b"")
+    return {b"relaygw.runner": "delivery"}.get(module, module.decode(errors="replace")
+                                                    .rpartition(".")[2] or "child")
+
+
+def measure(messages: int, settle_timeout: float = 300.0) -> dict[str, int]:
+    """
+    Spool C{messages}, start the gateway on them, wait until steady, print
+    the per-process figures; returns the sums of VmRSS and VmHWM in KiB.
+    Everything it started is stopped (by PID) and removed before it returns.
+    """
+    root = Path(tempfile.mkdtemp(prefix="relaygw-qmem-", dir="/tmp"))
+    os.chmod(root, 0o755)
+    port, admin, closed = free_ports(3)
+    gateway = RelaygwProcess(root / "gw", config(port, admin, closed), ports=[port])
+    try:
+        (root / "gw").mkdir(parents=True, exist_ok=True)
+        took = fill(root / "gw" / "var" / "spool", messages)
+        print(f"bench_queue_memory: {messages} messages spooled in {took:.1f} s", flush=True)
+        t0 = time.monotonic()
+        gateway.start(timeout=settle_timeout)
+        print(f"gateway ready after {time.monotonic() - t0:.1f} s (spool recovered)", flush=True)
+        deadline = time.monotonic() + settle_timeout
+        last, steady = -1, 0
+        while time.monotonic() < deadline and steady < 6:
+            time.sleep(0.5)
+            kids = child_pids(gateway.pid)
+            total = sum(status(p)["VmRSS"] for p in [gateway.pid, *kids]) if kids else -1
+            steady = steady + 1 if kids and abs(total - last) < max(1024, last // 100) else 0
+            last = total
+        kids = child_pids(gateway.pid)
+        rows = [("twistd", gateway.pid)] + [(_role(p), p) for p in kids]
+        sums = {"VmRSS": 0, "VmHWM": 0}
+        for name, pid in rows:
+            st = status(pid)
+            sums = {k: sums[k] + st[k] for k in sums}
+            print(f"  {name:9s} pid {pid}: RSS {st['VmRSS'] / 1024:7.1f} MiB, "
+                  f"peak {st['VmHWM'] / 1024:7.1f} MiB")
+        print(f"all relaygw processes: RSS {sums['VmRSS'] / 1024:.1f} MiB, "
+              f"sum of peaks {sums['VmHWM'] / 1024:.1f} MiB "
+              f"({sums['VmHWM'] * 1024 / messages:.0f} bytes per queued message)")
+    finally:
+        gateway.stop(timeout=60)
+        shutil.rmtree(root, ignore_errors=True)
+    return sums
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=100_000)
@@ -79,39 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"bench_queue_memory: cannot run: {problem}", file=sys.stderr)
         return 2
-    root = Path(tempfile.mkdtemp(prefix="relaygw-qmem-", dir="/tmp"))
-    os.chmod(root, 0o755)
-    port, admin, closed = free_ports(3)
-    gateway = RelaygwProcess(root / "gw", config(port, admin, closed), ports=[port])
-    try:
-        (root / "gw").mkdir(parents=True, exist_ok=True)
-        took = fill(root / "gw" / "var" / "spool", args.messages)
-        print(f"bench_queue_memory: {args.messages} messages spooled in {took:.1f} s", flush=True)
-        t0 = time.monotonic()
-        gateway.start(timeout=args.settle_timeout)
-        print(f"gateway ready after {time.monotonic() - t0:.1f} s (spool recovered)", flush=True)
-        deadline = time.monotonic() + args.settle_timeout
-        last, steady = -1, 0
-        while time.monotonic() < deadline and steady < 6:
-            time.sleep(0.5)
-            kids = child_pids(gateway.pid)
-            total = sum(status(p)["VmRSS"] for p in [gateway.pid, *kids]) if kids else -1
-            steady = steady + 1 if kids and abs(total - last) < max(1024, last // 100) else 0
-            last = total
-        kids = child_pids(gateway.pid)
-        rows = [("receiving", gateway.pid)] + [("delivery", p) for p in kids]
-        sums = {"VmRSS": 0, "VmHWM": 0}
-        for name, pid in rows:
-            st = status(pid)
-            sums = {k: sums[k] + st[k] for k in sums}
-            print(f"  {name:9s} pid {pid}: RSS {st['VmRSS'] / 1024:7.1f} MiB, "
-                  f"peak {st['VmHWM'] / 1024:7.1f} MiB")
-        print(f"all relaygw processes: RSS {sums['VmRSS'] / 1024:.1f} MiB, "
-              f"sum of peaks {sums['VmHWM'] / 1024:.1f} MiB "
-              f"({sums['VmHWM'] * 1024 / args.messages:.0f} bytes per queued message)")
-    finally:
-        gateway.stop(timeout=60)
-        shutil.rmtree(root, ignore_errors=True)
+    sums = measure(args.messages, args.settle_timeout)
     if args.check and sums["VmHWM"] / 1024 > args.max_mib:
         print(f"bench_queue_memory: over {args.max_mib} MiB", file=sys.stderr)
         return 1

@@ -226,5 +226,46 @@ class IDirectory(Interface):
         """
 
 
+class IProtocolLog(Interface):
+    """
+    An Exchange protocol log (SPEC section 5): SmtpReceive or SmtpSend.
+    The pipeline asks for one handle per SMTP session and only when the
+    connector (or route) says C{protocol_logging = "verbose"}; everything
+    else (files, formatting, rotation) is the implementation's, off the
+    reactor thread.
+    """
+
+    def session(
+        connector: str, session_id: str | None, local: tuple[str, int], remote: tuple[str, int]
+    ) -> IProtocolLogSession:
+        """
+        A handle for one session's rows.
+
+        @param connector: the connector (receive) or route (send) name.
+        @param session_id: the session's id, or C{None} to have one made.
+        @param local: the local address and port.
+        @param remote: the peer's address and port.
+        """
+
+
+class IProtocolLogSession(Interface):
+    """
+    The rows of one session.  L{row} is called on the reactor thread and
+    is cheap: it queues, it never formats or writes, and it never raises.
+    """
+
+    session_id = Attribute("The session id its rows carry (str).")
+
+    def row(event: str, data: bytes | str = b"", context: str = "") -> None:
+        """
+        Queue one row.  A multi-line C{data} (a multi-line reply) becomes one
+        row per line.  Callers never pass secrets: AUTH payloads are masked
+        before they get here, and message data is never passed.
+
+        @param event: C{+} connect, C{-} disconnect, C{<} received,
+            C{>} sent, C{*} information.
+        """
+
+
 class DirectoryUnavailable(Exception):
     """No directory server answered; the client gets 454 4.7.0 (never 535)."""

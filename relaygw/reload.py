@@ -53,7 +53,7 @@ def read_config(path: str | None) -> Config | None:
 def restart_only(old: Config, new: Config) -> list[str]:
     """The changed keys that take effect only after a restart (logged, not refused)."""
     changed = []
-    for key in ("spool_dir", "log_dir", "admin_listen"):
+    for key in ("spool_dir", "log_dir", "admin_listen", "admin_token_file", "workers"):
         if getattr(old.gateway, key) != getattr(new.gateway, key):
             changed.append(f"gateway.{key}")
     return changed

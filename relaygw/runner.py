@@ -30,7 +30,7 @@ import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 from attrs import frozen
 from twisted.application.service import Service
@@ -58,7 +58,7 @@ import relaygw
 from relaygw._types import IServeReactor
 from relaygw.config._model import Config, Queue
 from relaygw.errors import ConfigError
-from relaygw.interfaces import IDeliveryTarget, IRouter, ISpool
+from relaygw.interfaces import IDeliveryTarget, IProtocolLog, IRouter, ISpool
 from relaygw.spool.ids import is_queue_id
 
 if TYPE_CHECKING:
@@ -96,8 +96,15 @@ class Routes:
     release: Callable[[], None]
 
 
-def build_routes(config: Config, reactor: IServeReactor) -> Routes:
-    """The router, one target per route, and the limits of C{config}."""
+def build_routes(
+    config: Config, reactor: IServeReactor, protocol_log: IProtocolLog | None = None
+) -> Routes:
+    """
+    The router, one target per route, and the limits of C{config}.
+
+    @param protocol_log: the SmtpSend protocol log of this process, for the
+        routes with C{protocol_logging = "verbose"}.
+    """
     from relaygw.deliver.mx import make_resolver
     from relaygw.deliver.targets import build_target
     from relaygw.route.router import Router
@@ -107,7 +114,8 @@ def build_routes(config: Config, reactor: IServeReactor) -> Routes:
     )
     targets = {
         route.name: build_target(
-            route, reactor=reactor, resolver=resolver, helo=config.gateway.hostname
+            route, reactor=reactor, resolver=resolver, helo=config.gateway.hostname,
+            protocol_log=protocol_log,
         )
         for route in config.routes
     }
@@ -129,10 +137,13 @@ def build_routes(config: Config, reactor: IServeReactor) -> Routes:
 
 
 def build_scheduler(
-    config: Config, reactor: IServeReactor, spool: ISpool
+    config: Config, reactor: IServeReactor, spool: ISpool,
+    protocol_log: IProtocolLog | None = None,
 ) -> tuple[Scheduler, Routes]:
     """
     The scheduler of a configuration over C{spool}.
+
+    @param protocol_log: as L{build_routes} takes it.
 
     @return: the scheduler (not started) and its routes, whose C{release}
         is called after the scheduler stopped.
@@ -140,7 +151,7 @@ def build_scheduler(
     from relaygw.deliver.bounce import SpoolNotifier
     from relaygw.deliver.scheduler import Scheduler
 
-    routes = build_routes(config, reactor)
+    routes = build_routes(config, reactor, protocol_log)
     scheduler = Scheduler(
         spool=spool,
         router=routes.router,
@@ -166,11 +177,45 @@ def reconfigure(scheduler: Scheduler, old: Routes, new: Routes, clock: IReactorT
 # -- parent side ------------------------------------------------------------
 
 
-class _ChildProtocol(ProcessProtocol):
+#: Starts a line of a child's stdout that is not a log record (JSON log
+#: records start with RS, 0x1e).
+PEER_MARK = b"\x1d"
+
+
+def child_environment() -> dict[str, str]:
+    """The environment of a child process: it imports the very relaygw this process runs."""
+    package_parent = str(Path(relaygw.__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (package_parent, env.get("PYTHONPATH", "")) if p
+    )
+    return env
+
+
+class ChildOwner(Protocol):
+    """What a L{ChildProtocol} reports to."""
+
+    def _republish(self, record: bytes) -> None: ...
+
+    def _ended(self, child: ChildProtocol, reason: Failure) -> None: ...
+
+
+class ChildProtocol(ProcessProtocol):
     """The parent's end of one child: log records in, process end out."""
 
-    def __init__(self, owner: DeliveryProcess) -> None:
+    def __init__(
+        self,
+        owner: ChildOwner,
+        name: str = "delivery process",
+        on_peer: Callable[[bytes], None] | None = None,
+    ) -> None:
+        """
+        @param on_peer: takes the child's other records: lines that start
+            with C{PEER_MARK} (a receiving worker's shared limits), mark removed.
+        """
         self._owner = owner
+        self._name = name
+        self._on_peer = on_peer
         self._out = b""
         self._err = b""
 
@@ -181,6 +226,9 @@ class _ChildProtocol(ProcessProtocol):
         self._out += data
         *records, self._out = self._out.split(b"\n")
         for record in records:
+            if record.startswith(PEER_MARK) and self._on_peer is not None:
+                self._on_peer(record[len(PEER_MARK):])
+                continue
             record = record.strip(b"\x1e \r")
             if record:
                 self._owner._republish(record)
@@ -191,7 +239,7 @@ class _ChildProtocol(ProcessProtocol):
         for line in lines:
             if line.strip():
                 _log.error(
-                    "delivery process: {line}", line=line.decode("utf-8", "replace")
+                    "{child}: {line}", child=self._name, line=line.decode("utf-8", "replace")
                 )
 
     def processEnded(self, reason: Failure) -> None:
@@ -225,7 +273,7 @@ class DeliveryProcess(Service):
         self._config_path = None if config_path is None else os.path.abspath(config_path)
         self._publisher = publisher
         self._python = python
-        self._child: _ChildProtocol | None = None
+        self._child: ChildProtocol | None = None
         self._transport: IProcessTransport | None = None
         self._started_at = 0.0
         self._failures = 0
@@ -259,18 +307,12 @@ class DeliveryProcess(Service):
         argv = [self._python, "-m", "relaygw.runner"]
         if self._config_path is not None:
             argv += ["--config", self._config_path]
-        # The child imports the very relaygw this process runs.
-        package_parent = str(Path(relaygw.__file__).resolve().parent.parent)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (package_parent, env.get("PYTHONPATH", "")) if p
-        )
-        child = _ChildProtocol(self)
+        child = ChildProtocol(self)
         self._child = child
         self._started_at = self._reactor.seconds()
         process = cast(IReactorProcess, self._reactor)
         self._transport = process.spawnProcess(
-            child, self._python, argv, env=env, path=os.getcwd()
+            child, self._python, argv, env=child_environment(), path=os.getcwd()
         )
         self._log.info("delivery process {pid} started", pid=self._transport.pid)
 
@@ -282,7 +324,7 @@ class DeliveryProcess(Service):
             return
         self._publisher(event)
 
-    def _ended(self, child: _ChildProtocol, reason: Failure) -> None:
+    def _ended(self, child: ChildProtocol, reason: Failure) -> None:
         if child is not self._child:
             return
         self._child = self._transport = None
@@ -365,18 +407,22 @@ class _QueueIds(LineOnlyReceiver):
 async def _run(reactor: IServeReactor, config: Config, load_config: Callable[[], Config]) -> None:
     from twisted.internet import stdio
 
+    from relaygw.ops.protolog import ProtocolLog
     from relaygw.spool.control import ControlPoller
     from relaygw.spool.store import DirectorySpool
 
     spool = DirectorySpool(config.gateway.spool_dir, reactor)
-    scheduler, routes = build_scheduler(config, reactor, spool)
+    # The SmtpSend log is written where the sessions are: in this process.
+    send_log = ProtocolLog(config.gateway.log_dir, "send", reactor)
+    send_log.start()
+    scheduler, routes = build_scheduler(config, reactor, spool, send_log)
 
     def reload() -> None:
         # The gateway checked the new file before it sent SIGHUP; checked
         # again here, since it is read again.
         nonlocal routes
         try:
-            new = build_routes(load_config(), reactor)
+            new = build_routes(load_config(), reactor, send_log)
         except ConfigError as error:
             _log.error("delivery process: reload refused, configuration kept: {problem}",
                        problem=str(error))
@@ -394,11 +440,15 @@ async def _run(reactor: IServeReactor, config: Config, load_config: Callable[[],
     )
     control.start()
     done: Deferred[None] = Deferred()
-    stdio.StandardIO(_QueueIds(scheduler, done), reactor=reactor)  # type: ignore[no-untyped-call]
+    # Only stdin is read: the log owns stdout, which StandardIO would make
+    # non-blocking (a full pipe would then fail the log's writes).
+    stdio.StandardIO(_QueueIds(scheduler, done), stdout=os.open(os.devnull, os.O_WRONLY),  # type: ignore[call-arg,no-untyped-call]
+                     reactor=reactor)
     await done
     control.stop()
     await scheduler.stop()
     routes.release()
+    await send_log.stop()
     _log.info("delivery process stopped")
 
 

@@ -18,9 +18,10 @@ called (tests, embedding), it binds the sockets itself, last.
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from pathlib import Path
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from twisted.application.service import MultiService
@@ -51,9 +52,11 @@ if TYPE_CHECKING:
 
     from relaygw.deliver.scheduler import Scheduler
     from relaygw.ops.admin import AdminServer
+    from relaygw.ops.protolog import ProtocolLog
     from relaygw.ops.tracking import TrackingLog
     from relaygw.session.factory import SessionFactory
     from relaygw.spool.store import DirectorySpool
+    from relaygw.workers import ReceiveWorkers
 
 __all__ = ["AUTH_THREADS", "RelayGatewayService", "StartupError", "build_directory",
            "build_portal", "spool_root"]
@@ -176,13 +179,16 @@ class RelayGatewayService(MultiService):
         config: Config,
         reactor: IServeReactor,
         *,
-        delivery: Literal["process", "inline"] = "inline",
+        delivery: Literal["process", "inline", "none"] = "inline",
         config_path: str | None = None,
         signals: bool = False,
         stop_grace: float = STOP_SESSIONS_GRACE,
         admin: bool | None = None,
         tracking: bool = True,
         log_publisher: Any = globalLogPublisher,
+        protocol_logs: bool = True,
+        workers: int = 1,
+        adopt: tuple[int, ...] | None = None,
     ) -> None:
         """
         @param config: a validated configuration.
@@ -192,7 +198,9 @@ class RelayGatewayService(MultiService):
         @param delivery: C{"process"} (what twistd runs): the scheduler runs
             in the delivery process (L{relaygw.runner}), which loads the same
             configuration from C{config_path} (C{None}: the embedded default);
-            C{"inline"}: in this process (tests, embedding).
+            C{"inline"}: in this process (tests, embedding); C{"none"}: a
+            receiving worker's (L{relaygw.workers}), whose parent tells
+            delivery.
         @param signals: reload on SIGHUP and exit 0 after a graceful
             SIGTERM (what twistd runs; L{reload} is there either way).
         @param stop_grace: seconds L{stopService} waits for sessions.
@@ -205,6 +213,15 @@ class RelayGatewayService(MultiService):
             process for both (the delivery process's events are re-published
             here), with either delivery mode.
         @param log_publisher: what the tracking log observes.
+        @param protocol_logs: write the protocol logs (L{relaygw.ops.protolog})
+            of verbose connectors and routes: SmtpReceive here, SmtpSend in
+            the process that delivers (here with C{delivery="inline"}).
+        @param workers: receiving processes in all, this one included; more
+            than one (with C{delivery="process"}) starts
+            L{relaygw.workers.ReceiveWorkers} on this process's sockets.
+        @param adopt: a receiving worker's inherited listening sockets, in
+            plan order: adopted instead of bound, and the spool is not
+            recovered (the parent did that before starting the worker).
         """
         super().__init__()  # type: ignore[no-untyped-call]
         self.config = config
@@ -228,6 +245,12 @@ class RelayGatewayService(MultiService):
         self._tracking_wanted = tracking
         self._log_publisher = log_publisher
         self._tracking: TrackingLog | None = None
+        self._protocol_logs_wanted = protocol_logs
+        self._workers_wanted = workers
+        self._workers: ReceiveWorkers | None = None
+        self._adopt = adopt
+        self._receive_log: ProtocolLog | None = None
+        self._send_log: ProtocolLog | None = None
 
     @property
     def ports(self) -> tuple[IListeningPort, ...]:
@@ -275,19 +298,30 @@ class RelayGatewayService(MultiService):
         self._check_certificates(config.connectors, self._tls)
         try:
             spool = DirectorySpool(root, self._reactor)
-            recovered = spool.clean()
+            # A worker's parent recovered the spool; a worker's own clean-up
+            # would remove the other processes' entries in progress.
+            recovered = spool.clean() if self._adopt is None else None
         except OSError as error:
             raise StartupError(f"cannot use the spool {root}: {error.strerror}") from None
-        self._log.info(
-            "spool {spool_dir}: {count} queued message(s) recovered",
-            spool_dir=str(root),
-            count=recovered,
-        )
+        if recovered is not None:
+            self._log.info(
+                "spool {spool_dir}: {count} queued message(s) recovered",
+                spool_dir=str(root),
+                count=recovered,
+            )
         scheduler: Scheduler | None = None
         delivery: DeliveryProcess | None = None
+        receive_log = send_log = None
+        if self._protocol_logs_wanted:
+            from relaygw.ops.protolog import ProtocolLog
+
+            # Built here, started below; they write nothing until started.
+            receive_log = ProtocolLog(config.gateway.log_dir, "receive", self._reactor)
+            if self._delivery_mode == "inline":
+                send_log = ProtocolLog(config.gateway.log_dir, "send", self._reactor)
         if self._delivery_mode == "inline":
-            scheduler, self._routes = build_scheduler(config, self._reactor, spool)
-        else:
+            scheduler, self._routes = build_scheduler(config, self._reactor, spool, send_log)
+        elif self._delivery_mode == "process":
             delivery = DeliveryProcess(reactor=self._reactor, config_path=self._config_path)
         store = self._build_directory()
         factory = SessionFactory(
@@ -298,6 +332,7 @@ class RelayGatewayService(MultiService):
             tls_options=self._tls_options,
             portal=build_portal(store, config, self._reactor),
             directory=store,
+            protocol_log=receive_log,
         )
         if not self._ports:
             self._listen()
@@ -311,6 +346,10 @@ class RelayGatewayService(MultiService):
 
             self._tracking = TrackingLog(config.gateway.log_dir, self._reactor)
             self._tracking.start(self._log_publisher)
+        for log in (receive_log, send_log):
+            if log is not None:
+                log.start()
+        self._receive_log, self._send_log = receive_log, send_log
         if scheduler is not None:
             scheduler.start(spool.iter_entries())
             spool.subscribe(scheduler.enqueue)
@@ -319,6 +358,21 @@ class RelayGatewayService(MultiService):
             self._delivery = delivery
             delivery.startService()
             spool.subscribe(lambda envelope: delivery.notify(envelope.id))
+            if self._workers_wanted > 1 and self._adopt is None:
+                from relaygw.workers import ReceiveWorkers
+
+                # After recovery and the delivery process; their messages
+                # reach delivery through their receive.queued events.
+                self._workers = ReceiveWorkers(
+                    reactor=self._reactor, config_path=self._config_path,
+                    count=self._workers_wanted - 1,
+                    fds=lambda: [cast(Any, port).fileno() for port in self._ports],
+                    on_queued=delivery.notify,
+                    on_peer=lambda line: factory.peers.apply(line) if factory.peers else None,
+                    publisher=self._log_publisher, stop_grace=self._stop_grace + 5,
+                )
+                factory.share_limits(os.getpid(), self._workers.broadcast)
+                self._workers.startService()
         factory.doStart()  # type: ignore[no-untyped-call]
         # PROXY bindings read the header before the session starts (SPEC section 2).
         self._gate.target = ProxyFactory(factory, lambda: factory.config, self._reactor)
@@ -329,6 +383,15 @@ class RelayGatewayService(MultiService):
         self._log.info(
             "relaygw ready: accepting connections on {count} socket(s)", count=len(self._ports)
         )
+
+    def share_limits(self, send: Callable[[bytes], None]) -> Callable[[bytes], None]:
+        """
+        A receiving worker's limits, shared with the other processes
+        (L{relaygw.session.peers}): its changes go to C{send}; returns
+        what takes theirs.
+        """
+        assert self._factory is not None, "not started"
+        return self._factory.share_limits(os.getpid(), send).apply
 
     def reload(self) -> Deferred[bool]:
         """
@@ -360,7 +423,10 @@ class RelayGatewayService(MultiService):
                 reactor=cast(IReactorFromThreads, self._reactor) if self._auth_pool else None,
                 threadpool=self._auth_pool,
             )
-            await self._resocket(plan_sockets(config.connectors))
+            planned = plan_sockets(config.connectors)
+            moved = self._adopt is None and any(socket_changes(self._plans, planned))
+            if self._adopt is None:  # a worker's sockets are its parent's
+                await self._resocket(planned)
         except (StartupError, ListenError) as error:
             self._log.error(
                 "reload refused, the running configuration stays: {problem}",
@@ -377,11 +443,19 @@ class RelayGatewayService(MultiService):
             directory=store,
         )
         if self._scheduler is not None and self._routes is not None:
-            routes = build_routes(config, self._reactor)
+            routes = build_routes(config, self._reactor, self._send_log)
             reconfigure(self._scheduler, self._routes, routes, self._reactor)
             self._routes = routes
         if self._delivery is not None:
             self._delivery.reload()
+        if self._workers is not None:
+            # Inherited sockets cannot change: new workers get the new ones.
+            if moved:
+                self._workers.restart()
+            else:
+                self._workers.reload()
+        if self._admin is not None and self._admin.metrics is not None:
+            self._admin.metrics.prime(config)  # new connectors and routes show at zero
         self._log.info(
             "configuration reloaded from {source}: listening on {count} socket(s)",
             event="reload.done", source=config.source, count=len(self._ports),
@@ -501,6 +575,9 @@ class RelayGatewayService(MultiService):
     def _listen(self) -> None:
         """Bind every planned socket, or none: on failure, close those bound."""
         plans = plan_sockets(self.config.connectors)
+        if self._adopt is not None:
+            self._adopt_sockets(plans, self._adopt)
+            return
         try:
             for plan in plans:
                 self._open(plan)
@@ -508,6 +585,20 @@ class RelayGatewayService(MultiService):
             self._log.error("{problem}", problem=str(error), binding=str(error.socket.binding))
             self._close_ports()
             raise
+
+    def _adopt_sockets(self, plans: tuple[ListenSocket, ...], fds: tuple[int, ...]) -> None:
+        """A worker's sockets: its parent's, inherited as C{fds} in plan order."""
+        import socket as socketlib
+
+        if len(plans) != len(fds):
+            raise StartupError(f"{len(fds)} inherited socket(s) for {len(plans)} planned")
+        for plan, fd in zip(plans, fds):
+            family = socketlib.AF_INET6 if plan.binding.version == 6 else socketlib.AF_INET
+            # adoptStreamPort duplicates the descriptor: the inherited one is closed.
+            port = cast(Any, self._reactor).adoptStreamPort(fd, family, self._gate)
+            os.close(fd)
+            self._ports.append(port)
+            self._plans.append(plan)
 
     def _open(self, plan: ListenSocket) -> None:
         self._ports.append(listen_on(self._reactor, plan, self._gate))
@@ -552,9 +643,15 @@ class RelayGatewayService(MultiService):
         if waits:
             await DeferredList(waits, consumeErrors=True)
         self._log.info("stopped listening")
+        # The workers drain their sessions while this process drains its own.
+        workers, self._workers = self._workers, None
+        workers_stopped = workers.stopService() if workers is not None else None
         # Sessions in progress finish (their commits reach the spool before
         # it closes); those still open after the grace are cut.
         await self._gate.sessions.drain(self._reactor, self._stop_grace)
+        if workers_stopped is not None:
+            # Before delivery stops: the workers' last messages are notified.
+            await workers_stopped
         await _maybe(super().stopService())  # type: ignore[no-untyped-call]
         if self._spool is not None:
             # Commits already requested finish (their 250s go out); later
@@ -573,6 +670,11 @@ class RelayGatewayService(MultiService):
             # After delivery stopped: its last events are rows too.
             await self._tracking.stop()
             self._tracking = None
+        for log in (self._receive_log, self._send_log):
+            if log is not None:
+                # After the sessions and deliveries: their last rows are written.
+                await log.stop()
+        self._receive_log = self._send_log = None
         if self._factory is not None:
             self._factory.doStop()  # type: ignore[no-untyped-call]
             self._factory = None

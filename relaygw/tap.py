@@ -72,12 +72,16 @@ def makeService(options: Options) -> IService:
     from relaygw._types import IServeReactor
     from relaygw.service import RelayGatewayService
 
+    from relaygw.workers import default_workers
+
+    config = options.config
     return RelayGatewayService(
-        options.config,
+        config,
         cast(IServeReactor, reactor),
         delivery="process",
         config_path=options["config"],
         signals=True,
+        workers=config.gateway.workers or default_workers(),
     )
 
 

@@ -146,6 +146,18 @@ def test_rows_wait_for_the_timer_then_one_write(tmp_path: Path) -> None:
     assert len(list(read_rows(tmp_path))) == 100
 
 
+def test_later_flushes_continue_the_file(tmp_path: Path) -> None:
+    log, clock = _log(tmp_path)
+    for i in range(3):
+        log(_received(LATE, queue_id=f"Q{i}"))
+        clock.advance(0.5)
+    [path] = tracking_dir(tmp_path).iterdir()
+    assert path.name == "MSGTRK20261206-1.LOG"
+    assert _lines(path)[0] == "#Software: relaygw" and sum(
+        line.startswith("#Fields:") for line in _lines(path)) == 1
+    assert len(list(read_rows(tmp_path))) == 6
+
+
 def test_day_rotation_is_utc(tmp_path: Path) -> None:
     log, clock = _log(tmp_path)
     log(_received(LATE))

@@ -21,6 +21,7 @@ C{peer} and C{auth_user}; never the password or the SASL payload.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from attrs import frozen
@@ -60,6 +61,9 @@ class Throttle:
         self._clock = clock
         self._max = max_keys
         self._counts: OrderedDict[str, _Count] = OrderedDict()
+        #: Told C{("failure" | "success", ip, username)} of each outcome
+        #: here, for the other receiving processes (L{relaygw.session.peers}).
+        self.on_change: Callable[[str, str, str], None] | None = None
 
     @staticmethod
     def _keys(ip: str, username: str) -> tuple[str, str]:
@@ -89,6 +93,25 @@ class Throttle:
 
         @return: the delay, in seconds, before answering it.
         """
+        self._count(ip, username)
+        if self.on_change is not None:
+            self.on_change("failure", ip, username)
+        return self.delay(self.failures(ip, username))
+
+    def success(self, ip: str, username: str) -> None:
+        """A success clears the IP's and the user's counts."""
+        self._clear(ip, username)
+        if self.on_change is not None:
+            self.on_change("success", ip, username)
+
+    def record(self, outcome: str, ip: str, username: str) -> None:
+        """An outcome (C{"failure"} or C{"success"}) in another receiving process."""
+        if outcome == "failure":
+            self._count(ip, username)
+        elif outcome == "success":
+            self._clear(ip, username)
+
+    def _count(self, ip: str, username: str) -> None:
         now = self._clock.seconds()
         for key in self._keys(ip, username):
             held = self._failures(key, now)
@@ -96,10 +119,8 @@ class Throttle:
             self._counts[key] = _Count(start, held + 1)
             self._counts.move_to_end(key)
         self._trim(now)
-        return self.delay(self.failures(ip, username))
 
-    def success(self, ip: str, username: str) -> None:
-        """A success clears the IP's and the user's counts."""
+    def _clear(self, ip: str, username: str) -> None:
         for key in self._keys(ip, username):
             self._counts.pop(key, None)
 

@@ -18,6 +18,9 @@ Defaults that an Exchange or Postfix administrator may look for:
   - C{gateway.admin_listen}: C{127.0.0.1:8025}; C{""} disables it.  On a
     non-loopback address C{gateway.admin_token_file} is required (the
     endpoint shows the queue: senders and recipients).
+  - C{gateway.health_min_free}: twice the largest C{max_message_size}, at
+    least 64 MiB; C{gateway.health_queue_age}: half of C{[queue].expire}
+    (C{"0s"}: an old message never fails C{/health}).
   - a connector's C{fqdn}: C{gateway.hostname}; its C{remote_ranges}: every
     IPv4 and IPv6 address (Exchange's default RemoteIPRanges); its
     C{certificate}: C{tls/relaygw.pem} next to the file unless C{tls = "off"};
@@ -79,6 +82,7 @@ _ROOT = (
 )  # fmt: skip
 _GATEWAY = (
     "hostname", "spool_dir", "log_dir", "admin_listen", "admin_token_file", "default_route",
+    "health_min_free", "health_queue_age", "workers",
 )  # fmt: skip
 _DOMAIN = ("domain", "type", "route", "validate_recipients")
 _DIRECTORY = (
@@ -87,7 +91,7 @@ _DIRECTORY = (
 )  # fmt: skip
 _ROUTE = (
     "name", "via", "smarthosts", "maildir", "port", "tls", "ca_file", "auth_user",
-    "auth_password_file", "max_concurrency", "ip_literals",
+    "auth_password_file", "max_concurrency", "ip_literals", "protocol_logging",
 )  # fmt: skip
 
 _ROUTE_TLS: tuple[RouteTLS, ...] = ("off", "opportunistic", "required", "verify", "mta-sts")
@@ -234,6 +238,9 @@ def _gateway(t: Table) -> Gateway:
         admin_listen=admin,
         default_route=t.string("default_route", "") or None,
         admin_token_file=token,
+        health_min_free=t.size("health_min_free", 0) or None,
+        health_queue_age=t.parsed("health_queue_age", parse_duration, None),
+        workers=t.integer("workers", 0, minimum=0, maximum=64),
     )
 
 
@@ -343,6 +350,7 @@ def _route(t: Table) -> Route:
         auth_password_file=auth_password_file,
         max_concurrency=t.integer("max_concurrency", 20),
         ip_literals=_ip_literals(t, via),
+        protocol_logging=t.choice("protocol_logging", "none", ("none", "verbose")),
     )
 
 

@@ -245,6 +245,9 @@ class Route:
     max_concurrency: int = 20
     #: Deliver C{user@[192.0.2.1]} to that address (C{via = "mx"} only).
     ip_literals: bool = False
+    #: C{"verbose"}: write this route's sessions to the SmtpSend protocol
+    #: log (Exchange's per-Send-connector ProtocolLoggingLevel).
+    protocol_logging: Literal["none", "verbose"] = "none"
 
 
 @frozen
@@ -259,6 +262,14 @@ class Gateway:
     #: The bearer token of the admin HTTP endpoint (required when
     #: C{admin_listen} is not a loopback address).
     admin_token_file: Path | None = None
+    #: Free bytes the spool's file system needs for C{/health}; C{None}:
+    #: twice the largest C{max_message_size}, at least 64 MiB.
+    health_min_free: int | None = None
+    #: C{/health} fails when the oldest queued message is older; C{None}:
+    #: half of C{[queue].expire}; zero: the queue check never fails it.
+    health_queue_age: timedelta | None = None
+    #: Receiving processes (L{relaygw.workers}); 0: one per core.
+    workers: int = 0
 
 
 @frozen

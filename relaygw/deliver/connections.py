@@ -35,7 +35,7 @@ from relaygw.deliver._transaction import (
     TLSOptionsFactory,
     TransactionResult,
 )
-from relaygw.deliver.smtpclient import RelayClient, new_client
+from relaygw.deliver.smtpclient import RelayClient, SendLog, new_client
 
 __all__ = ["ConnectionCache", "REUSE_SECONDS", "MAX_IDLE_PER_HOST", "deliver_to_host"]
 
@@ -144,6 +144,7 @@ def deliver_to_host(
     server_name: str | None = None,
     auth: ClientAuth | None = None,
     cache: ConnectionCache | None = None,
+    send_log: SendLog | None = None,
 ) -> Deferred[TransactionResult]:
     """
     Run one transaction for C{message} at C{host}, on an idle connection
@@ -161,11 +162,13 @@ def deliver_to_host(
     @param auth: the smarthost credentials, sent over TLS only.
     @param cache: where connections are reused from and kept for reuse;
         C{None}: one transaction, then QUIT.
+    @param send_log: the route's protocol log, or C{None}.
     @return: a Deferred firing with the L{TransactionResult}; it never fails.
     """
     return Deferred.fromCoroutine(
         _deliver_to_host(
-            reactor, host, message, helo, tls, timeouts, tls_options, server_name, auth, cache
+            reactor, host, message, helo, tls, timeouts, tls_options, server_name, auth, cache,
+            send_log,
         )
     )
 
@@ -181,6 +184,7 @@ async def _deliver_to_host(
     server_name: str | None,
     auth: ClientAuth | None,
     cache: ConnectionCache | None,
+    send_log: SendLog | None = None,
 ) -> TransactionResult:
     name = str(host)
     sni = server_name or host.host
@@ -201,7 +205,7 @@ async def _deliver_to_host(
             _log.debug("Reused connection to {host} failed; connecting anew", host=name)
             continue
         client = new_client(
-            message, data, name, helo, tls, reactor, timeouts, tls_options, sni, auth
+            message, data, name, helo, tls, reactor, timeouts, tls_options, sni, auth, send_log
         )
         if cache is not None:
             cache.watch((name, sni, tls), client)

@@ -36,6 +36,7 @@ from relaygw.deliver.smtpclient import (
     ClientTimeouts,
     DataOpener,
     OutboundMessage,
+    SendLog,
     TLSOptionsFactory,
     TransactionResult,
     check_tls_mode,
@@ -227,6 +228,7 @@ class MXTarget:
         tls_options: TLSOptionsFactory | None = None,
         shuffle: Callable[[list[str]], None] = random.shuffle,
         sts: PolicyFetcher | None = None,
+        send_log: SendLog | None = None,
     ) -> None:
         """
         @param route: a C{via = "mx"} route.
@@ -239,6 +241,7 @@ class MXTarget:
         @param sts: the MTA-STS policy source of a C{"mta-sts"} route (by
             default one over C{resolver}, trusting C{ca_file} or the system
             store).
+        @param send_log: the route's protocol log, or C{None}.
         """
         self._route = route
         self._tls = check_tls_mode(route.tls)
@@ -250,6 +253,7 @@ class MXTarget:
         self._cache = ConnectionCache(reactor)
         self._shuffle = shuffle
         self._sts = sts
+        self._send_log = send_log
 
     def deliver(
         self, envelope: object, recipients: object, open_data: object
@@ -379,6 +383,7 @@ class MXTarget:
                     tls_options=tls_options,
                     server_name=host,  # TLS names the exchanger, not its address
                     cache=self._cache,
+                    send_log=self._send_log,
                 )
                 if not last.failover:
                     return last.outcomes

@@ -419,6 +419,7 @@ class Scheduler:
                     "EXPIRE {queue_id} {recipient}: last reply {last_reply}",
                     event_id="EXPIRE",
                     recipient=rcpt.address,
+                    route=self._route_name(rcpt.address),
                     last_reply=rcpt.last_reply,
                     **_tracking(envelope),
                 )
@@ -456,6 +457,13 @@ class Scheduler:
         envelope = evolve(envelope, next_attempt=when)
         self._spool.update(envelope)
         self._schedule(envelope.id, when)
+
+    def _route_name(self, address: str) -> str:
+        """The route of C{address} for log events; C{""} when it has none."""
+        try:
+            return self._router.route(address)
+        except LookupError:
+            return ""
 
     async def _report(self, envelope: Envelope, reports: list[Report]) -> bool:
         """Spool one DSN and schedule it; whether that worked (C{False} is logged)."""

@@ -29,6 +29,11 @@ offers neither, the credentials are not sent and the attempt is retried.
 A refusal of the credentials is retried too, whatever its class (a bad
 password must not bounce mail), and logged as an error.
 
+Protocol log (a L{SendLog}, for a route with C{protocol_logging =
+"verbose"}): every line sent and received, as Exchange's SmtpSend log, with
+AUTH masked (C{AUTH PLAIN ****}, each LOGIN response C{****}) and no
+message data (the final C{.} only, after a C{*} row with the size).
+
 The values a transaction takes and gives (L{OutboundMessage},
 L{TransactionResult}, ...) live in L{relaygw.deliver._transaction} and are
 re-exported here.
@@ -40,7 +45,7 @@ import base64
 import functools
 from typing import BinaryIO, Callable, Literal
 
-from attrs import evolve
+from attrs import evolve, frozen
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet import ssl
@@ -72,6 +77,7 @@ from relaygw.deliver.tlspolicy import (
     unverified_tls_options,
     verified_tls_options,
 )
+from relaygw.interfaces import IProtocolLog, IProtocolLogSession
 from relaygw.replies import Reply
 from relaygw.spool.envelope import Outcome
 
@@ -90,6 +96,7 @@ __all__ = [
     "load_ca_file",
     "tls_options_for",
     "RelayClient",
+    "SendLog",
     "make_client",
     "new_client",
 ]
@@ -99,6 +106,17 @@ _BEFORE_TRANSACTION = frozenset({"connect", "greeting", "ehlo", "tls", "auth", "
 _log = Logger()
 #: Every reply code: the pipelined replies are told apart by their order.
 _ANY_REPLY = list(range(1000))
+
+
+@frozen
+class SendLog:
+    """
+    Where a route's connections are logged: the SmtpSend protocol log,
+    under the route's name as its connector-id.
+    """
+
+    log: IProtocolLog
+    route: str
 
 
 def _is_ascii(data: BinaryIO, chunk: int = 64 * 1024) -> bool:
@@ -144,6 +162,7 @@ class RelayClient(smtp.ESMTPClient):  # type: ignore[misc]
         auth: ClientAuth | None,
         clock: IReactorTime,
         timeouts: ClientTimeouts,
+        send_log: SendLog | None = None,
     ) -> None:
         context = None if tls == "off" else tls_options(server_name)
         if tls == "verify" and isinstance(context, ssl.CertificateOptions) and not context.verify:
@@ -176,6 +195,9 @@ class RelayClient(smtp.ESMTPClient):  # type: ignore[misc]
         self._tls_pending = False
         self._size_limit = 0
         self._stage: _Stage = "connect"
+        self._send_log = send_log
+        self._plog: IProtocolLogSession | None = None
+        self._quit_sent = False
         self._begin(message, data)
         self._stage = "connect"
 
@@ -299,14 +321,65 @@ class RelayClient(smtp.ESMTPClient):  # type: ignore[misc]
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)
+        if self._send_log is not None:
+            self._open_protocol_log(self._send_log)
         super().connectionMade()
 
+    def _open_protocol_log(self, send_log: SendLog) -> None:
+        local, peer = self.transport.getHost(), self.transport.getPeer()
+        self._plog = plog = send_log.log.session(
+            send_log.route, None,
+            (str(getattr(local, "host", "")), int(getattr(local, "port", 0))),
+            (str(getattr(peer, "host", "")), int(getattr(peer, "port", 0))),
+        )
+        plog.row("+")
+        plog.row("*", self._server_name, "connected")
+
+    def _log_tls(self, plog: IProtocolLogSession) -> None:
+        try:
+            handle = self.transport.getHandle()
+            shown = f"{handle.get_protocol_version_name()} {handle.get_cipher_name()}"
+        except Exception:
+            shown = "(details unavailable)"
+        plog.row("*", shown, "TLS negotiated")
+
+    def sendLine(self, line: bytes) -> None:
+        if self._plog is not None:
+            self._plog.row(">", self._shown(line))
+        super().sendLine(line)
+
+    def _shown(self, line: bytes) -> bytes | str:
+        """A line sent, as the protocol log shows it: no secret, no data."""
+        if line == b"QUIT":
+            self._quit_sent = True
+            return line
+        if self._stage == "auth":
+            if line[:5].upper() == b"AUTH ":
+                mechanism, _, response = line[5:].partition(b" ")
+                return b"AUTH " + mechanism + (b" ****" if response.strip() else b"")
+            return "****"  # a LOGIN response (or a cancel): the user name and password
+        if line.endswith(b"\r\n."):
+            return "."  # the end of data after a last line without CRLF
+        return line
+
     def lineReceived(self, line: bytes) -> object:
+        plog = self._plog
+        if plog is not None:
+            if self._tls_pending:
+                self._log_tls(plog)
+            if self._stage == "auth" and self._auth is not None:
+                # A server might echo what it was sent (an error about bad base64).
+                plog.row("<", self._scrub(line.decode("utf-8", "replace")))
+            else:
+                plog.row("<", line)
         # TLS hands over no line before its handshake is complete.
         self._tls_pending = False
         return super().lineReceived(line)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._plog is not None:
+            self._plog.row("-", "", "Local" if self._quit_sent else "Remote")
+            self._plog = None
         super().connectionLost(reason)
         self._idle = self._resetting = False
         if self.on_gone is not None:
@@ -400,7 +473,7 @@ class RelayClient(smtp.ESMTPClient):  # type: ignore[misc]
         if b"PLAIN" in self._auth_offered:
             # RFC 4616: empty authorization identity, then user and password.
             self._expected = [235]
-            self._okresponse = self.smtpState_from
+            self._okresponse = self._authenticated
             self.sendLine(b"AUTH PLAIN " + self._b64(b"\0%s\0%s" % self._credentials()))
         elif b"LOGIN" in self._auth_offered:
             self._expected = [334]
@@ -427,8 +500,13 @@ class RelayClient(smtp.ESMTPClient):  # type: ignore[misc]
 
     def _login_password(self, code: int, resp: bytes) -> None:
         self._expected = [235]
-        self._okresponse = self.smtpState_from
+        self._okresponse = self._authenticated
         self.sendLine(self._b64(self._credentials()[1]))
+
+    def _authenticated(self, code: int, resp: bytes) -> None:
+        if self._plog is not None and self._auth is not None:
+            self._plog.row("*", self._auth.user, "authenticated")
+        self.smtpState_from(code, resp)
 
     def _auth_refused(self, code: int, resp: bytes) -> None:
         seen = _o.reply_outcome(code, resp, self._host)
@@ -675,6 +753,8 @@ class RelayClient(smtp.ESMTPClient):  # type: ignore[misc]
         return data
 
     def finishedFileTransfer(self, lastsent: bytes) -> None:
+        if self._plog is not None:
+            self._plog.row("*", f"{self._message.size} octets", "message data sent")
         ending = b"" if self._line_start and not self._pending_cr else b"\r\n"
         self.sendLine(ending + b".")
         self.setTimeout(self._timeouts.data_done)
@@ -697,6 +777,7 @@ def make_client(
     tls_options: TLSOptionsFactory | None = None,
     server_name: str | None = None,
     auth: ClientAuth | None = None,
+    send_log: SendLog | None = None,
 ) -> tuple[Protocol, Deferred[TransactionResult]]:
     """
     A client protocol for one transaction, not yet connected.
@@ -713,11 +794,13 @@ def make_client(
     @param server_name: the name for SNI and certificate verification;
         C{None} for the host part of C{host}.
     @param auth: credentials to send (over TLS only), or C{None}.
+    @param send_log: where to write the protocol log, or C{None}.
     @return: the protocol and a Deferred firing with the L{TransactionResult}
         (never failing).
     """
     client = new_client(
-        message, data, host, helo, tls, clock, timeouts, tls_options, server_name, auth
+        message, data, host, helo, tls, clock, timeouts, tls_options, server_name, auth,
+        send_log,
     )
     proto: Protocol = client
     return proto, client.result
@@ -734,6 +817,7 @@ def new_client(
     tls_options: TLSOptionsFactory | None,
     server_name: str | None,
     auth: ClientAuth | None,
+    send_log: SendLog | None = None,
 ) -> RelayClient:
     if tls_options is None:
         tls_options = SYSTEM_TRUST if tls == "verify" else unverified_tls_options
@@ -748,4 +832,5 @@ def new_client(
         auth=auth,
         clock=clock,
         timeouts=timeouts,
+        send_log=send_log,
     )

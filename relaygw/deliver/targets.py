@@ -32,11 +32,12 @@ from relaygw.deliver.smtpclient import (
     ClientTimeouts,
     DataOpener,
     OutboundMessage,
+    SendLog,
     TLSOptionsFactory,
     TransactionResult,
     check_tls_mode,
 )
-from relaygw.interfaces import IDeliveryTarget
+from relaygw.interfaces import IDeliveryTarget, IProtocolLog
 from relaygw.route.router import split_address
 from relaygw.spool.envelope import Envelope, Outcome
 
@@ -239,6 +240,7 @@ class SmarthostTarget:
         helo: str,
         timeouts: ClientTimeouts = ClientTimeouts(),
         tls_options: TLSOptionsFactory | None = None,
+        send_log: SendLog | None = None,
     ) -> None:
         """
         @param route: a C{via = "smarthost"} route.
@@ -254,6 +256,7 @@ class SmarthostTarget:
         self._timeouts = timeouts
         self._files = RouteFiles(route, self._tls, tls_options)
         self._cache = ConnectionCache(reactor)
+        self._send_log = send_log
 
     def deliver(
         self, envelope: object, recipients: object, open_data: object
@@ -281,6 +284,7 @@ class SmarthostTarget:
                 tls_options=self._files.tls_options,
                 auth=self._files.auth,
                 cache=self._cache,
+                send_log=self._send_log,
             )
             if not last.failover:
                 return last.outcomes
@@ -298,12 +302,19 @@ class SmarthostTarget:
 
 
 def build_target(
-    route: Route, *, reactor: IServeReactor, resolver: ResolverBase | None, helo: str
+    route: Route,
+    *,
+    reactor: IServeReactor,
+    resolver: ResolverBase | None,
+    helo: str,
+    protocol_log: IProtocolLog | None = None,
 ) -> IDeliveryTarget:
     """
     The target for C{route}, by C{route.via}.
 
     @param resolver: the delivery process's one resolver (C{mx} routes).
+    @param protocol_log: the SmtpSend protocol log, written for a route
+        with C{protocol_logging = "verbose"}.
     @raise ValueError: a maildir route without C{maildir}, an mx route
         without a resolver.
     """
@@ -311,8 +322,11 @@ def build_target(
         if route.maildir is None:
             raise ValueError(f"route {route.name!r} has no maildir")
         return MaildirTarget(route.maildir, reactor)
+    send_log = None
+    if protocol_log is not None and route.protocol_logging == "verbose":
+        send_log = SendLog(protocol_log, route.name)
     if route.via == "smarthost":
-        return SmarthostTarget(route, reactor=reactor, helo=helo)
+        return SmarthostTarget(route, reactor=reactor, helo=helo, send_log=send_log)
     if resolver is None:
         raise ValueError(f"route {route.name!r} needs a DNS resolver")
-    return MXTarget(route, reactor=reactor, resolver=resolver, helo=helo)
+    return MXTarget(route, reactor=reactor, resolver=resolver, helo=helo, send_log=send_log)

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs
 
 from attrs import frozen
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IListeningPort, IReactorTCP
+from twisted.internet.defer import Deferred, TimeoutError as DeferTimeout
+from twisted.internet.interfaces import IListeningPort, IReactorTCP, IReactorTime
 from twisted.logger import Logger, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -49,6 +48,8 @@ ADMIN_THREADS = 3
 #: Seconds an idle HTTP connection stays open.
 _IDLE_TIMEOUT = 60
 _REFUSAL_LOG_INTERVAL = 60.0
+#: Seconds a scrape waits for a fresh spool count before it shows the last one.
+_STATS_WAIT = 2.0
 
 
 class AdminError(Exception):
@@ -111,7 +112,7 @@ class AdminResource(Resource):
         metrics: Metrics,
         queue: QueueView,
         token: bytes | None,
-        clock: Callable[[], float],
+        clock: IReactorTime,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self._health = health
@@ -144,7 +145,7 @@ class AdminResource(Resource):
 
     def _note_refusal(self, request: Any) -> None:
         self._refused += 1
-        now = self._clock()
+        now = self._clock.seconds()
         if self._refusal_logged is None or now - self._refusal_logged >= _REFUSAL_LOG_INTERVAL:
             peer = request.getClientAddress()
             self._log.warn(
@@ -164,8 +165,9 @@ class AdminResource(Resource):
 
     async def _render_metrics(self) -> _Answer:
         try:
-            await self._queue.stats()
-        except OSError:
+            # A hung spool (NFS) must not hang the scrape as well.
+            await self._queue.stats().addTimeout(_STATS_WAIT, self._clock)
+        except (OSError, DeferTimeout):
             pass  # the gauges show the last count (NaN before one)
         return _Answer(200, self._metrics.render(), CONTENT_TYPE.encode("ascii"))
 
@@ -290,7 +292,7 @@ class AdminServer:
         metrics = Metrics(self._config, queue_stats=queue.cached, now=self._reactor.seconds)
         health = Health(self._view, reactor=self._reactor, pool=self._pool, queue=queue)
         resource = AdminResource(health=health, metrics=metrics, queue=queue,
-                                 token=self._token, clock=self._reactor.seconds)
+                                 token=self._token, clock=self._reactor)
         site: Any = _QuietSite(resource, timeout=_IDLE_TIMEOUT)  # type: ignore[no-untyped-call]
         site.displayTracebacks = False
         try:

@@ -8,18 +8,22 @@ check is:
 
   - C{spool}: a probe file is created, fsynced and removed in the spool's
     C{queue/} directory (where messages are written), and the file system
-    has at least L{Health.min_free} bytes and L{MIN_FREE_INODES} inodes free;
+    has at least L{Health.min_free} bytes (C{gateway.health_min_free}) and
+    L{MIN_FREE_INODES} inodes free;
   - C{listeners}: every planned listening socket is listening;
   - C{directory} (only with a C{[directory]}): a service-account bind
     answers within the directory's timeout per server; cached for
     L{DIRECTORY_TTL} seconds so that probes every second do not bind every
     second;
+  - C{queue}: the oldest queued message is younger than
+    C{gateway.health_queue_age} (default half of C{[queue].expire}: a
+    message that old has waited through most of its retries);
   - C{delivery}: the delivery process runs (or delivery runs in-process).
 
-C{queue} (the oldest message is younger than half of C{[queue].expire}) is
-advisory: it is reported, but does not fail the status.  A backlog for one
-unreachable destination is on every gateway at once; failing them all would
-turn a delay into an outage.
+With C{health_queue_age = "0s"} the queue check only reports the count and
+the age, and never fails.  Behind a load balancer that may be wanted: a backlog
+for one unreachable destination is on every gateway at once, and failing
+them all would turn a delay into an outage.
 
 Only changes are logged (ok to failing and back), never a line per probe.
 """
@@ -48,7 +52,7 @@ from relaygw.ops.queue import QueueView
 __all__ = ["CRITICAL", "DIRECTORY_TTL", "CheckResult", "GatewayView", "Health", "MIN_FREE_INODES"]
 
 #: Checks whose failure makes the status C{fail} (and C{/health} 503).
-CRITICAL = frozenset({"spool", "listeners", "directory", "delivery"})
+CRITICAL = frozenset({"spool", "listeners", "queue", "directory", "delivery"})
 #: Seconds a directory answer is reused for.
 DIRECTORY_TTL = 5.0
 #: Seconds the spool, queue and delivery checks may take.
@@ -148,9 +152,10 @@ class Health:
         """
         @param pool: the threads the spool probe runs in.
         @param queue: the spool counts for the C{queue} check.
-        @param min_free: free bytes the spool needs; default twice the
-            largest C{max_message_size} (so that one more message fits
-            beside one in progress), at least 64 MiB.
+        @param min_free: free bytes the spool needs; default
+            C{gateway.health_min_free}, else twice the largest
+            C{max_message_size} (so that one more message fits beside one
+            in progress), at least 64 MiB.
         """
         self._view = view
         self._reactor = reactor
@@ -168,7 +173,10 @@ class Health:
         """The free bytes the spool check needs."""
         if self._min_free is not None:
             return self._min_free
-        sizes = [c.max_message_size for c in self._view.config().connectors]
+        config = self._view.config()
+        if config.gateway.health_min_free is not None:
+            return config.gateway.health_min_free
+        sizes = [c.max_message_size for c in config.connectors]
         return max(64 * _MIB, 2 * max(sizes, default=0))
 
     def run(self) -> Deferred[tuple[bool, dict[str, CheckResult]]]:
@@ -245,17 +253,15 @@ class Health:
         return CheckResult(up >= planned, detail)
 
     def _queue_check(self, config: Config) -> Deferred[CheckResult]:
-        limit = config.queue.expire.total_seconds() / 2
+        limit = _queue_age(config)
 
         def judged(stats: Any) -> CheckResult:
             age = stats.oldest_age(self._clock.seconds())
-            detail = (
-                f"{stats.count} message(s), oldest {_span(age)} old"
-                f" (threshold {_span(limit)}"
-            )
-            if age < limit:
-                return CheckResult(True, detail + ")")
-            return CheckResult(False, detail + "; advisory: the status stays ok)")
+            detail = f"{stats.count} message(s), oldest {_span(age)} old"
+            if limit == 0:
+                return CheckResult(True, detail + " (no threshold)")
+            detail += f" (threshold {_span(limit)})"
+            return CheckResult(age < limit, detail)
 
         def unreadable(failure: Failure) -> CheckResult:
             return CheckResult(False, f"the spool cannot be listed: {failure.getErrorMessage()}")
@@ -300,6 +306,14 @@ class Health:
         except PermissionError:
             pass  # it exists, under another user
         return CheckResult(True, f"delivery process {pid} running")
+
+
+def _queue_age(config: Config) -> float:
+    """The queue check's threshold in seconds (0: none)."""
+    age = config.gateway.health_queue_age
+    if age is None:
+        return config.queue.expire.total_seconds() / 2
+    return age.total_seconds()
 
 
 def _address(port: IListeningPort) -> str:

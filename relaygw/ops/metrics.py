@@ -12,8 +12,8 @@ what both processes did.  Which event feeds which metric:
   - C{relaygw_messages_received_total{connector}}: C{event="receive.queued"};
   - C{relaygw_messages_delivered_total}, C{_deferred_total},
     C{_bounced_total} C{{route}}: the scheduler's C{event_id} C{DELIVER},
-    C{DEFER}, C{FAIL}, one per recipient and attempt (as the tracking log
-    counts them);
+    C{DEFER}, C{FAIL} (and C{EXPIRE}, bounced too), one per recipient and
+    attempt (as the tracking log counts them);
   - C{relaygw_auth_attempts_total{connector,result}}: C{event="auth.result"}
     with C{result} one of C{success}, C{failure}, C{tempfail}, C{throttled};
   - C{relaygw_directory_request_seconds}: C{event="directory.request"}
@@ -49,7 +49,9 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 #: Directory latency buckets, seconds: a LAN DC answers in milliseconds,
 #: the configured timeout (5 s by default) ends the scale.
 _DIRECTORY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-_OUTCOMES = {"DELIVER": "delivered", "DEFER": "deferred", "FAIL": "bounced"}
+#: Scheduler C{event_id} -> counter; an expired recipient is bounced too.
+_OUTCOMES = {"DELIVER": "delivered", "DEFER": "deferred", "FAIL": "bounced", "EXPIRE": "bounced"}
+_KINDS = ("delivered", "deferred", "bounced")
 
 
 class _QueueCollector(Collector):
@@ -103,7 +105,7 @@ class Metrics:
                 f"relaygw_messages_{kind}", f"Recipients {kind}, per delivery attempt.",
                 ["route"], registry=registry,
             )
-            for kind in _OUTCOMES.values()
+            for kind in _KINDS
         }
         self.auth = Counter(
             "relaygw_auth_attempts", "AUTH attempts by result.",

@@ -189,12 +189,13 @@ class TrackingFiles:
             for when, line in rows:
                 size = len(line.encode("utf-8"))
                 day = _day(when)
-                if out is None or day != self._day or (
-                    self._size + size > self._max_bytes and self._rows > 0
-                ):
+                if out is None or day != self._day:
                     if out is not None:
                         out.close()
-                    out = self._open(day, now, full=day == self._day)
+                    out = self._open(day, now, full=False)  # the day's last file
+                elif self._size + size > self._max_bytes and self._rows > 0:
+                    out.close()
+                    out = self._open(day, now, full=True)
                 out.write(line)
                 self._size += size
                 self._rows += 1

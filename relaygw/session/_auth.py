@@ -51,7 +51,9 @@ class AuthCommands:
         s = self._s
         exchange = s.sasl
         assert exchange is not None
-        if s.verbose:
+        if s.plog is not None:
+            s.plog.row("<", "****")
+        elif s.verbose:
             _log.debug("< {data}", event="receive.command", data="****", **s.fields())
         reply = self._step(exchange, exchange.respond(line.decode("ascii", "replace")))
         if isinstance(reply, Deferred):
@@ -79,6 +81,8 @@ class AuthCommands:
     def _authenticated(self, result: LoginResult) -> Reply:
         if result.user is not None:
             self._s.user = result.user
+            if self._s.plog is not None:
+                self._s.plog.row("*", result.user.name, "authenticated")
             _log.info("authenticated as {auth_user}", event="receive.authenticated",
                       auth_user=result.user.name, **self._s.fields())
         return result.reply

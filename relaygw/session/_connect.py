@@ -64,11 +64,31 @@ class Admission:
     @ivar refusal: the reply to send before closing a refused connection,
         C{None} to close it without a byte.
     @ivar local: the local C{address:port} the client connected to.
+    @ivar selection: how the connector was chosen (for the protocol log).
     """
 
     counter: ConnectionCounter | None
     refusal: Reply | None = None
     local: str = ""
+    selection: Selection | None = None
+
+
+def chosen_because(admission: Admission) -> str:
+    """
+    Why the connector won, as C{relaygw which-connector} puts it: its
+    matching range and that range's size, then each candidate it beat.
+    """
+    selection = admission.selection
+    if selection is None:
+        return "connector chosen"
+    r = selection.range
+    why = [f"connector chosen: remote range {r.text} ({r.size} addresses) on {admission.local}"]
+    why += [
+        f"beat {c.connector.name}: {c.range.text} ({c.range.size} addresses"
+        f"{'' if c.exact_binding else ', wildcard binding'})"
+        for c in selection.beaten
+    ]
+    return "; ".join(why)
 
 
 def admit(
@@ -119,11 +139,12 @@ def admit(
             event="receive.refused", reason="connection-limit",
             smtp_code=replies.CONNECTION_LIMIT.code, **state.fields(),
         )
-        return Admission(None, replies.CONNECTION_LIMIT)
-    if state.verbose:
-        # Otherwise the disconnect event summarises the session.
+        return Admission(None, replies.CONNECTION_LIMIT, local, selection)
+    if state.verbose and services.protocol_log is None:
+        # Otherwise the disconnect event summarises the session (and the
+        # protocol log, when there is one, has the rest).
         _log.info(
             "connection from {peer} accepted by connector {connector}",
             event="receive.connect", local=local, **state.fields(),
         )
-    return Admission(counter, local=local)
+    return Admission(counter, local=local, selection=selection)

@@ -10,6 +10,7 @@ per-connector connection counters and message rate limiters.
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable
 
 from twisted.internet.interfaces import IAddress, IReactorTime
@@ -19,8 +20,9 @@ from twisted.logger import Logger
 from relaygw.auth.checker import AddressLookup
 from relaygw.auth.throttle import Throttle
 from relaygw.config._model import AuthThrottle, Config, Connector
-from relaygw.interfaces import IConnectorSelector, IDirectory, ISpool
+from relaygw.interfaces import IConnectorSelector, IDirectory, IProtocolLog, ISpool
 from relaygw.session.limits import ConnectionCounter, RateLimiter
+from relaygw.session.peers import PeerLimits
 from relaygw.session.protocol import Session
 
 __all__ = ["SessionFactory"]
@@ -52,6 +54,7 @@ class SessionFactory(ServerFactory):
         tls_options: TLSOptionsMaker | None = None,
         portal: object | None = None,
         directory: IDirectory | None = None,
+        protocol_log: IProtocolLog | None = None,
     ) -> None:
         """
         @param tls_options: C{tls_options(connector)} gives the server TLS
@@ -60,20 +63,26 @@ class SessionFactory(ServerFactory):
         @param portal: a L{twisted.cred.portal.Portal} whose realm serves
             L{relaygw.auth.realm.IAuthenticatedUser}.
         @param directory: the store C{validate_recipients} asks.
+        @param protocol_log: the SmtpReceive protocol log, written for the
+            sessions of C{protocol_logging = "verbose"} connectors.
         """
         self.selector = selector
         self.config = config
         self.spool = spool
         self.portal = portal
+        self.protocol_log = protocol_log
         self._reactor = reactor
         self._tls_options = tls_options
         self._tls_cache: dict[Connector, object | None] = {}
         self._counters: dict[str, tuple[tuple[int, int], ConnectionCounter]] = {}
         self._limiters: dict[str, tuple[object, RateLimiter]] = {}
         self._throttles: dict[str, tuple[AuthThrottle, Throttle]] = {}
+        #: With receiving workers: the limits shared with the other processes.
+        self.peers: PeerLimits | None = None
         self.addresses = AddressLookup(directory, reactor) if directory is not None else None
         self._serial = itertools.count(1)
         self._boot = int(reactor.seconds())
+        self._pid = os.getpid() & 0xFFFF
 
     @property
     def reactor(self) -> IReactorTime:
@@ -106,8 +115,12 @@ class SessionFactory(ServerFactory):
             self.addresses = AddressLookup(directory, self._reactor)
 
     def session_id(self) -> str:
-        """A new session id, unique within this process run (hex, sortable)."""
-        return f"{self._boot:08X}{next(self._serial):08X}"
+        """
+        A new session id, unique among the receiving processes (hex): the
+        start second, the process id (workers started in the same second
+        differ by it) and a counter.
+        """
+        return f"{self._boot:08X}{self._pid:04X}{next(self._serial):04X}"
 
     def tls_options(self, connector: Connector) -> object | None:
         """
@@ -129,6 +142,31 @@ class SessionFactory(ServerFactory):
             self._tls_cache[connector] = options
         return self._tls_cache[connector]
 
+    def share_limits(self, origin: int, send: Callable[[bytes], None]) -> PeerLimits:
+        """
+        Share this factory's limits with the other receiving processes
+        (L{relaygw.session.peers}): changes go out through C{send}; feed
+        theirs to the returned object's C{apply}.
+        """
+        self.peers = PeerLimits(origin, send, self._shared)
+        for name, (_, counter) in self._counters.items():
+            self.peers.attach(name, counter)
+        for name, (_, limiter) in self._limiters.items():
+            self.peers.attach(name, limiter)
+        for name, (_, throttle) in self._throttles.items():
+            self.peers.attach(name, throttle)
+        return self.peers
+
+    def _shared(self, kind: str, name: str) -> ConnectionCounter | RateLimiter | Throttle | None:
+        connector = next((c for c in self.config.connectors if c.name == name), None)
+        if connector is None:
+            return None
+        if kind == "counter":
+            return self.connection_counter(connector)
+        if kind == "limiter":
+            return self.rate_limiter(connector)
+        return self.auth_throttle(connector)
+
     def connection_counter(self, connector: Connector) -> ConnectionCounter:
         """The connection counter of C{connector}, kept across reconfigures while its limits stay."""
         limits = (connector.max_connections, connector.max_connections_per_ip)
@@ -136,6 +174,8 @@ class SessionFactory(ServerFactory):
         if held is None or held[0] != limits:
             held = (limits, ConnectionCounter(*limits))
             self._counters[connector.name] = held
+            if self.peers is not None:
+                self.peers.attach(connector.name, held[1])
         return held[1]
 
     def rate_limiter(self, connector: Connector) -> RateLimiter:
@@ -145,6 +185,8 @@ class SessionFactory(ServerFactory):
         if held is None or held[0] != rate:
             held = (rate, RateLimiter(rate, self._reactor))
             self._limiters[connector.name] = held
+            if self.peers is not None:
+                self.peers.attach(connector.name, held[1])
         return held[1]
 
     def auth_throttle(self, connector: Connector) -> Throttle:
@@ -154,4 +196,6 @@ class SessionFactory(ServerFactory):
         if held is None or held[0] != settings:
             held = (settings, Throttle(settings, self._reactor))
             self._throttles[connector.name] = held
+            if self.peers is not None:
+                self.peers.attach(connector.name, held[1])
         return held[1]

@@ -8,6 +8,7 @@ it with L{twisted.internet.task.Clock}.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -93,6 +94,8 @@ class RateLimiter:
         self._clock = clock
         self._max_keys = max(1, max_keys)
         self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+        #: Told of each token taken here (L{relaygw.session.peers}).
+        self.on_take: Callable[[str], None] | None = None
 
     def __len__(self) -> int:
         return len(self._buckets)
@@ -105,6 +108,18 @@ class RateLimiter:
         """
         if self._rate is None:
             return True
+        taken = self._bucket(key).take()
+        if taken and self.on_take is not None:
+            self.on_take(key)
+        return taken
+
+    def consume(self, key: str) -> None:
+        """A token taken for C{key} by another receiving process."""
+        if self._rate is not None:
+            self._bucket(key).take()
+
+    def _bucket(self, key: str) -> TokenBucket:
+        assert self._rate is not None
         bucket = self._buckets.get(key)
         if bucket is None:
             bucket = self._buckets[key] = TokenBucket(self._rate, self._clock)
@@ -112,7 +127,7 @@ class RateLimiter:
                 self._sweep(keep=key)
         else:
             self._buckets.move_to_end(key)
-        return bucket.take()
+        return bucket
 
     def _sweep(self, keep: str) -> None:
         for k in [k for k, b in self._buckets.items() if k != keep and b.full]:
@@ -129,7 +144,8 @@ class ConnectionCounter:
     """
     Open connections in total and per client IP, for C{max_connections} and
     C{max_connections_per_ip}.  The session factory acquires on connect and
-    releases exactly once on disconnect.
+    releases exactly once on disconnect.  The other receiving processes'
+    connections (L{remote}) count against the same limits.
     """
 
     def __init__(self, max_total: int, max_per_ip: int) -> None:
@@ -137,15 +153,37 @@ class ConnectionCounter:
         self._max_per_ip = max_per_ip
         self._total = 0
         self._per_ip: dict[str, int] = {}
+        #: Another process's connections: origin -> per IP, and their sums.
+        self._remote: dict[int, dict[str, int]] = {}
+        self._remote_total = 0
+        self._remote_per_ip: dict[str, int] = {}
+        #: Told C{("+" | "-", ip)} of each change here (L{relaygw.session.peers}).
+        self.on_change: Callable[[str, str], None] | None = None
 
     @property
     def total(self) -> int:
-        """Connections held now."""
-        return self._total
+        """Connections held now, by every process."""
+        return self._total + self._remote_total
 
     def count(self, ip: str) -> int:
-        """Connections held now by C{ip}."""
-        return self._per_ip.get(ip, 0)
+        """Connections held now by C{ip}, in every process."""
+        return self._per_ip.get(ip, 0) + self._remote_per_ip.get(ip, 0)
+
+    def remote(self, origin: int, ip: str, delta: int) -> None:
+        """Another process (C{origin}) took (+1) or ended (-1) a connection from C{ip}."""
+        held = self._remote.setdefault(origin, {})
+        new = held.get(ip, 0) + delta
+        if new < 0:
+            return
+        _adjust(held, ip, delta)
+        _adjust(self._remote_per_ip, ip, delta)
+        self._remote_total += delta
+
+    def forget(self, origin: int) -> None:
+        """Another process ended: its connections went with it."""
+        for ip, count in self._remote.pop(origin, {}).items():
+            _adjust(self._remote_per_ip, ip, -count)
+            self._remote_total -= count
 
     def acquire(self, ip: str) -> bool:
         """
@@ -155,10 +193,13 @@ class ConnectionCounter:
             caller then answers 421 4.3.2 instead of the banner.
         """
         held = self._per_ip.get(ip, 0)
-        if self._total >= self._max_total or held >= self._max_per_ip:
+        if (self._total + self._remote_total >= self._max_total
+                or held + self._remote_per_ip.get(ip, 0) >= self._max_per_ip):
             return False
         self._total += 1
         self._per_ip[ip] = held + 1
+        if self.on_change is not None:
+            self.on_change("+", ip)
         return True
 
     def release(self, ip: str) -> None:
@@ -167,7 +208,15 @@ class ConnectionCounter:
         if held <= 0:
             return
         self._total -= 1
-        if held == 1:
-            del self._per_ip[ip]
-        else:
-            self._per_ip[ip] = held - 1
+        _adjust(self._per_ip, ip, -1)
+        if self.on_change is not None:
+            self.on_change("-", ip)
+
+
+def _adjust(counts: dict[str, int], key: str, delta: int) -> None:
+    """Add C{delta} to C{counts[key]}, dropping keys that reach zero."""
+    value = counts.get(key, 0) + delta
+    if value > 0:
+        counts[key] = value
+    else:
+        counts.pop(key, None)

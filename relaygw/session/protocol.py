@@ -42,11 +42,11 @@ from zope.interface import implementer
 from relaygw import replies
 from relaygw.auth.user import AuthenticatedUser
 from relaygw.config._model import Config, Connector
-from relaygw.interfaces import IConnectorSelector
+from relaygw.interfaces import IConnectorSelector, IProtocolLogSession
 from relaygw.replies import Reply
 from relaygw.session._auth import AuthCommands
 from relaygw.session._commands import SessionCommands
-from relaygw.session._connect import admit, banner
+from relaygw.session._connect import Admission, admit, banner, chosen_because
 from relaygw.session._data import DataCommands
 from relaygw.session._envelope import EnvelopeCommands
 from relaygw.session.limits import ConnectionCounter
@@ -119,6 +119,9 @@ class Session(Protocol, TimeoutMixin):
         self._dispatching = False
         self._connected_at = 0.0
         self._local = ""
+        #: The protocol log handle, only for a verbose connector: without
+        #: one, logging costs each line a single test.
+        self._plog: IProtocolLogSession | None = None
 
     @property
     def session_id(self) -> str:
@@ -158,6 +161,8 @@ class Session(Protocol, TimeoutMixin):
     def connectionMade(self) -> None:
         assert self.transport is not None
         admission = admit(self.state, self._services, self._selector, self.transport)
+        if self.state.verbose:
+            self._open_protocol_log(admission)
         if admission.counter is None:
             if admission.refusal is not None:
                 self._send(admission.refusal)
@@ -171,6 +176,20 @@ class Session(Protocol, TimeoutMixin):
         self._send(replies.greeting(banner(connector, now)))
         self._flush()
 
+    def _open_protocol_log(self, admission: Admission) -> None:
+        log = self._services.protocol_log
+        if log is None or self.transport is None:
+            return
+        host = self.transport.getHost()
+        state = self.state
+        self._plog = state.plog = plog = log.session(
+            state.c.name, state.session_id,
+            (str(getattr(host, "host", "")), int(getattr(host, "port", 0))),
+            (state.client_ip, state.client_port),
+        )
+        plog.row("+")
+        plog.row("*", state.c.name, chosen_because(admission))
+
     def handshakeCompleted(self) -> None:
         """Record the negotiated TLS version and cipher (pyOpenSSL connection)."""
         try:
@@ -182,6 +201,9 @@ class Session(Protocol, TimeoutMixin):
         except Exception:
             self._log.failure("TLS details unavailable", **self.state.fields())
             return
+        if self._plog is not None:
+            self._plog.row("*", f"{self.state.tls.version} {self.state.tls.cipher}",
+                           "TLS negotiated")
         self._log.info(
             "TLS {tls_version} {tls_cipher} negotiated with {peer}",
             event="receive.tls", tls_version=self.state.tls.version, tls_cipher=self.state.tls.cipher,
@@ -191,6 +213,9 @@ class Session(Protocol, TimeoutMixin):
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._lost = True
         self.state.sasl, self._pending = None, b""
+        if self._plog is not None:
+            self._plog.row("-", "", "Local" if self._closing else "Remote")
+            self._plog = self.state.plog = None
         self._set_timeout(None)
         self.state.abort_message()
         if self._counter is not None:
@@ -334,10 +359,16 @@ class Session(Protocol, TimeoutMixin):
             if handler is None:
                 shown = "(unrecognized command)"
             elif verb == "AUTH":
-                shown = f"AUTH {args.split(' ', 1)[0]} ****"
+                # The mechanism stays; an initial response is masked.
+                mechanism, _, response = args.strip().partition(" ")
+                shown = f"AUTH {mechanism} ****" if response.strip() else f"AUTH {mechanism}"
             else:
                 shown = text
-            self._log.debug("< {data}", event="receive.command", data=shown, **self.state.fields())
+            if self._plog is not None:
+                self._plog.row("<", line if shown is text else shown)
+            else:  # no protocol log (tests, embedding): the gateway's own log has them
+                self._log.debug("< {data}", event="receive.command", data=shown,
+                                **self.state.fields())
         if handler is None:
             self.answer(replies.UNRECOGNIZED)
             return
@@ -369,11 +400,15 @@ class Session(Protocol, TimeoutMixin):
             self._close()
 
     def _send(self, reply: Reply) -> None:
-        self._out.append(bytes(reply))
-        if self.state.verbose:
-            self._log.debug("> {data}", event="receive.reply", data=str(reply),
-                            smtp_code=reply.code, enhanced_code=reply.enhanced,
-                            **self.state.fields())
+        data = bytes(reply)
+        self._out.append(data)
+        if self.state.verbose:  # the one test a reply costs without protocol logging
+            if self._plog is not None:
+                self._plog.row(">", data)
+            else:  # no protocol log (tests, embedding): the gateway's own log has them
+                self._log.debug("> {data}", event="receive.reply", data=str(reply),
+                                smtp_code=reply.code, enhanced_code=reply.enhanced,
+                                **self.state.fields())
 
     def _close(self) -> None:
         self._closing = True

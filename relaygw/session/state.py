@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from relaygw.auth.throttle import Throttle
     from relaygw.auth.user import AuthenticatedUser
     from relaygw.config._model import Config, Connector
-    from relaygw.interfaces import ISpool
+    from relaygw.interfaces import IProtocolLog, IProtocolLogSession, ISpool
     from relaygw.replies import Reply
     from relaygw.session.limits import ConnectionCounter, RateLimiter
     from relaygw.session.policy import Policy
@@ -52,6 +52,9 @@ class SessionServices(Protocol):
 
     @property
     def addresses(self) -> AddressLookup | None: ...
+
+    @property
+    def protocol_log(self) -> IProtocolLog | None: ...
 
     def session_id(self) -> str: ...
 
@@ -100,6 +103,7 @@ class SessionState:
     @ivar txn: the mail transaction, from MAIL until it ends.
     @ivar intake: the message being received, during DATA or BDAT.
     @ivar sasl: the AUTH exchange waiting for a client response.
+    @ivar plog: the protocol log handle (a verbose connector's sessions).
     """
 
     def __init__(self, services: SessionServices, config: Config, session_id: str) -> None:
@@ -121,6 +125,7 @@ class SessionState:
         self.client_ip = ""
         self.client_port = 0
         self.verbose = False
+        self.plog: IProtocolLogSession | None = None
         self.messages = 0
 
     @property

@@ -90,6 +90,8 @@ def test_no_password_in_any_file(launch: Launch, workdir: Path) -> None:
     written = [p for p in gw.workdir.rglob("*") if p.is_file() and p.name != "users"]
     logs = [p for p in written if p.suffix.upper() == ".LOG"]
     assert logs, "no log files were written"
+    # The verbose connector's SmtpReceive protocol log is among the files searched.
+    assert any(p.name.startswith("RECV") and p.parent.name == "SmtpReceive" for p in logs), logs
     for path in written:
         data = path.read_bytes()
         for needle in _needles():

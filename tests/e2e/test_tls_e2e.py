@@ -406,12 +406,16 @@ def test_starttls_injection_discarded(gw: Gateway) -> None:
 
     def logged_quit() -> bool:
         nonlocal output
-        output = gw.proc.output()
-        return output.count("< EHLO inject.e2e.test") == 2 and "127.0.0.77" in output
+        recv = gw.dir / "var" / "log" / "ProtocolLog" / "SmtpReceive"
+        output = "".join(p.read_text(errors="replace") for p in sorted(recv.glob("RECV*.LOG")))
+        mine = [line for line in output.splitlines() if ",127.0.0.77:" in line]
+        return sum(",<,EHLO inject.e2e.test," in line for line in mine) == 2 and any(
+            ",-," in line for line in mine)
 
     # The connector logs verbosely: both real EHLOs appear, the injected lines never do.
     wait_until(logged_quit, 10, what="the session in the protocol log")
     assert "evil" not in output, output[-3000:]
+    assert "evil" not in gw.proc.output()
 
 
 # -- what TLS leaves in the message and the spool --------------------------------
