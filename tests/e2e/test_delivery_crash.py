@@ -16,7 +16,7 @@ import pytest
 
 from tests.e2e.conftest import Launch, Sinks, gateway_toml, smtp, spool_entries
 from tests.servers.ports import free_ports, wait_until
-from tests.servers.procs import child_pids
+from tests.servers.procs import child_pids, delivery_pids
 from tests.servers.sink import SmtpSink
 
 pytestmark = pytest.mark.e2e
@@ -88,7 +88,7 @@ def test_delivery_process_killed_mid_batch(launch: Launch, sinks: Sinks, workdir
     subjects = [f"m{n}" for n in range(MESSAGES)]
     _send(port, subjects, ["x@a.test", "y@a.test"])
     wait_until(lambda: len(_received(sink)) >= 20, 30, interval=0.01, what="deliveries to start")
-    [child] = child_pids(gw.pid)
+    [child] = delivery_pids(gw.pid)
     os.kill(child, signal.SIGKILL)
     # The gateway restarts its delivery process, which finds the rest in the spool.
     wait_until(lambda: not spool_entries(workdir / "gw" / "var" / "spool"), 60, interval=0.1,
@@ -96,7 +96,7 @@ def test_delivery_process_killed_mid_batch(launch: Launch, sinks: Sinks, workdir
     got = set(_received(sink))
     missing = [(s, r) for s in subjects for r in ("x@a.test", "y@a.test") if (s, r) not in got]
     assert missing == []
-    assert child_pids(gw.pid) != [child]
+    assert delivery_pids(gw.pid) != [child]
 
 
 def test_recorded_delivery_is_not_repeated(launch: Launch, sinks: Sinks, workdir: Path) -> None:

@@ -85,7 +85,9 @@ def gateway(module_launch: Launch, module_workdir: Path) -> Iterator[Gateway]:
         (gw_dir / "ldap.secret").write_text(SERVICE_PASSWORD + "\n")
         os.chmod(gw_dir / "ldap.secret", 0o600)
         port, admin = free_ports(2)
-        config = gateway_toml(admin) + f"""
+        # One receiving process: the login cache is each process's own, and
+        # these tests time logins that must hit it.
+        config = gateway_toml(admin).replace("[gateway]\n", "[gateway]\nworkers = 1\n") + f"""
 [directory]
 kind = "ldap"
 servers = ["ldap://127.0.0.1:{proxy.port}"]

@@ -58,6 +58,19 @@ def child_pids(pid: int) -> list[int]:
     return found
 
 
+def delivery_pids(pid: int) -> list[int]:
+    """The children of gateway C{pid} that are its delivery process (not receiving workers)."""
+    found = []
+    for child in child_pids(pid):
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                if b"relaygw.runner" in f.read():
+                    found.append(child)
+        except OSError:
+            continue
+    return found
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process with this PID exists (and is not a zombie we could reap)."""
     try:
