@@ -53,13 +53,17 @@ from tests.servers.sink import SmtpSink  # noqa: E402
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 
 
-def relaygw_config(port: int, admin: int, sink: int, protocol_logging: str = "none") -> str:
+def relaygw_config(
+    port: int, admin: int, sink: int, protocol_logging: str = "none", workers: int = 0
+) -> str:
     """
     The relaygw side: one relaying connector, the test domain routed to the
-    sink; C{protocol_logging} for both (the SmtpReceive and SmtpSend logs).
+    sink; C{protocol_logging} for both (the SmtpReceive and SmtpSend logs);
+    C{workers} receiving processes (0: one per core).
     """
     return f"""
 [gateway]
+workers = {workers}
 hostname = "gw.bench.test"
 spool_dir = "var/spool"
 log_dir = "var/log"
@@ -188,7 +192,9 @@ class BenchFailed(Exception):
 
 
 @contextlib.contextmanager
-def side_by_side(protocol_logging: str = "none") -> Iterator[tuple[list[Target], RelaygwProcess]]:
+def side_by_side(
+    protocol_logging: str = "none", workers: int = 0
+) -> Iterator[tuple[list[Target], RelaygwProcess]]:
     """
     relaygw and a private Postfix, each relaying to its own smtp-sink, in a
     fresh directory under /tmp; everything stopped (by PID) and removed after.
@@ -200,7 +206,8 @@ def side_by_side(protocol_logging: str = "none") -> Iterator[tuple[list[Target],
     gw_port, admin, pf_port, gw_sink_port, pf_sink_port = free_ports(5)
     gw_sink = SmtpSink(root / "gw-sink", gw_sink_port)
     pf_sink = SmtpSink(root / "pf-sink", pf_sink_port)
-    gateway = RelaygwProcess(root / "relaygw", relaygw_config(gw_port, admin, gw_sink_port, protocol_logging),
+    gateway = RelaygwProcess(root / "relaygw", relaygw_config(gw_port, admin, gw_sink_port, protocol_logging,
+                                                        workers),
                              ports=[gw_port])
     postfix = PostfixInstance(root / "postfix", pf_port, pf_sink_port, smtpd_limit=200)
     try:
@@ -237,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-ratio", type=float, default=0.7)
     parser.add_argument("--protocol-logging", choices=("none", "verbose"), default="none",
                         help="the connector's and the route's protocol_logging")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="relaygw's gateway.workers (0: one receiving process per core)")
     args = parser.parse_args(argv)
 
     problems = [p for p in (installed_problem(), postfix_available()) if p]
@@ -249,10 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     deadline = time.monotonic() + args.max_seconds
     ratios = []
     try:
-        with side_by_side(args.protocol_logging) as (targets, gateway):
+        with side_by_side(args.protocol_logging, args.workers) as (targets, gateway):
             print(f"bench_accept: smtp-source -s {args.sessions} -l {args.size}, "
                   f"{args.rounds} rounds x {args.messages} messages, warm-up {args.warmup}, "
-                  f"protocol_logging = {args.protocol_logging}; "
+                  f"protocol_logging = {args.protocol_logging}, workers = {args.workers}; "
                   f"{os.cpu_count()} CPUs", flush=True)
             for t in targets:
                 run_load(t, args.warmup, args, deadline)
