@@ -269,3 +269,33 @@ class IProtocolLogSession(Interface):
 
 class DirectoryUnavailable(Exception):
     """No directory server answered; the client gets 454 4.7.0 (never 535)."""
+
+
+class TokenUnavailable(Exception):
+    """
+    No access token now (the token endpoint unreachable, slow, or refusing):
+    a temporary failure, the messages wait in the queue (issue 9).  The
+    message never holds the client secret or a token.
+    """
+
+
+class ITokenSource(Interface):
+    """
+    OAuth 2.0 access tokens for one upstream (Microsoft 365: the client
+    credentials grant against Entra ID's token endpoint), cached until
+    shortly before they expire.
+    """
+
+    def token() -> Deferred[str]:
+        """
+        A valid access token (the cached one, or a new one fetched once for
+        all concurrent callers).
+
+        @return: fails with L{TokenUnavailable} when none can be had now.
+        """
+
+    def invalidate(token: str) -> None:
+        """
+        The upstream refused C{token} (HTTP 401, SMTP 535): the next
+        L{token} call fetches a new one (unless it was already replaced).
+        """
