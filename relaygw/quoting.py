@@ -23,6 +23,9 @@ def unquoted(text: str) -> Iterator[tuple[int, str]]:
 
     @raise UnbalancedQuote: after the last character, when a quote is open.
     """
+    if '"' not in text:  # the common case: every character stands outside
+        yield from enumerate(text)
+        return
     quoted = False
     i = 0
     while i < len(text):

@@ -8,6 +8,8 @@ functions at the bottom, still from text kept here.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from attrs import frozen
 
 
@@ -48,10 +50,17 @@ class Reply:
         return out
 
     def __bytes__(self) -> bytes:
-        return b"".join(line + b"\r\n" for line in self.lines())
+        return _wire(self)
 
     def __str__(self) -> str:
         return bytes(self).decode("utf-8").rstrip("\r\n")
+
+
+@lru_cache(maxsize=1024)
+def _wire(reply: Reply) -> bytes:
+    # The constant replies (and a connector's banner and EHLO) go out once
+    # per session or command: built once.
+    return b"".join(line + b"\r\n" for line in reply.lines())
 
 
 def _check(reply: Reply) -> Reply:

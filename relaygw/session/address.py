@@ -42,6 +42,9 @@ _MAX_LABEL_OCTETS = 63
 #: Characters RFC 5321 calls specials; outside quotes they are never part of a local part.
 _LOCAL_SPECIALS = frozenset('()<>[]:;@\\,"')
 _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
+_ASCII_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: A label of ASCII letters, digits, "-" and "_" (the slower check covers Unicode).
+_ASCII_LABEL = re.compile(r"[A-Za-z0-9_-]+\Z")
 
 
 @frozen
@@ -186,7 +189,10 @@ def _params(text: str) -> dict[str, str | None]:
 
 
 def _has_controls(text: str) -> bool:
-    # Cc covers NUL, C0, DEL and C1; Cs are lone surrogates from undecodable bytes.
+    # Cc covers NUL, C0, DEL and C1; Cs are lone surrogates from undecodable
+    # bytes.  In ASCII text only C0 and DEL can occur: one regex scan.
+    if text.isascii():
+        return _ASCII_CONTROL.search(text) is not None
     return any(unicodedata.category(c) in ("Cc", "Cs") for c in text)
 
 
@@ -269,7 +275,7 @@ def _check_domain(domain: str) -> None:
             raise _Bad("empty domain label")
         if len(label.encode("utf-8")) > _MAX_LABEL_OCTETS:
             raise _Bad("domain label too long")
-        if not all(c.isalnum() or c in "-_" for c in label):
+        if not (_ASCII_LABEL.match(label) or all(c.isalnum() or c in "-_" for c in label)):
             raise _Bad("bad character in domain")
 
 
