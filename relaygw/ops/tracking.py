@@ -6,48 +6,42 @@ are re-published there (L{relaygw.runner.DeliveryProcess}), so one writer
 sees RECEIVE from the sessions and DELIVER, DEFER, FAIL, EXPIRE, DSN and the
 DSNs' own RECEIVE from delivery.
 
-Decisions:
-  - The observer only formats rows into a buffer; a timer (C{flush_every},
-    0.5 s) hands the buffer to one writer thread, at most one write in
-    flight, so a slow disk never blocks the reactor and a burst costs one
-    write.  More than C{max_buffered} rows waiting are dropped and counted
-    (logged once the writer is back).  Nothing is fsynced: the spool, not
-    this log, is the promise.
+Decisions (the writer thread, rotation and clean-up are
+L{relaygw.ops._logfiles}'s, shared with the protocol logs):
   - Files: C{<log_dir>/MessageTracking/MSGTRK<yyyymmdd>-<n>.LOG}; the day and
     every time are UTC, of the event (its C{log_time}, the delivery process's
     own clock for its events).  A file takes rows until C{max_bytes} (10 MB,
-    Exchange's C{MessageTrackingLogMaxFileSize}), then C{-<n+1>} starts; after
-    a restart the day's last file is continued.
-  - Files whose day ended more than C{max_age} ago (30 days, Exchange's
-    C{MessageTrackingLogMaxAge}) are removed at start and at each new day;
-    the age is read from the name, not from mtimes.
+    Exchange's C{MessageTrackingLogMaxFileSize}); one writer, so a restart
+    continues the day's last file.  Files whose day ended more than
+    C{max_age} ago (30 days, C{MessageTrackingLogMaxAge}) are removed.
   - Only the twelve SPEC fields of known events are written, never any other
     field of an event, so nothing secret can reach the file.  CR and LF in a
-    value become spaces (one row is one line); commas and quotes are quoted
-    by the C{csv} module.
+    value become spaces (one row is one line); commas and quotes are quoted.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import os
-import re
-from collections.abc import Callable, Iterator, Mapping
-from datetime import datetime, timedelta, timezone
+from collections.abc import Iterator, Mapping
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
-from twisted.internet.threads import deferToThreadPool
-from twisted.logger import ILogObserver, Logger
-from twisted.python.threadpool import ThreadPool
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import ILogObserver
 from zope.interface import implementer
 
 from relaygw import __version__
+from relaygw.ops._logfiles import (
+    BufferedWriter,
+    RotatingFiles,
+    Runner,
+    csv_field,
+    read_csv_rows,
+    utc_stamp,
+)
 
-__all__ = ["FIELDS", "TrackingFiles", "TrackingLog", "read_rows", "rows_of", "tracking_dir"]
+__all__ = ["FIELDS", "TrackingLog", "read_rows", "rows_of", "tracking_dir", "utc_stamp"]
 
 FIELDS = (
     "date-time", "event-id", "internal-message-id", "message-id", "connector-id", "client-ip",
@@ -58,29 +52,13 @@ FIELDS = (
 FIELDS_LINE = "#Fields: " + ",".join(FIELDS)
 #: The scheduler's and the DSN spooler's C{event_id}s.
 _DELIVERY_EVENTS = frozenset({"DELIVER", "DEFER", "FAIL", "EXPIRE", "DSN", "RECEIVE"})
-_NAME = re.compile(r"^MSGTRK(\d{8})-(\d+)\.LOG$")
 #: A value longer than this is cut (replies already are, addresses are bounded).
 _MAX_VALUE = 2000
-
-_log = Logger(namespace="relaygw.ops.tracking")
-
-#: Runs one blocking call somewhere (a thread, or inline in tests).
-Runner = Callable[[Callable[[], None]], "Deferred[None]"]
 
 
 def tracking_dir(log_dir: Path) -> Path:
     """Where the tracking files of C{log_dir} are."""
     return log_dir / "MessageTracking"
-
-
-def utc_stamp(seconds: float) -> str:
-    """Exchange's time form, UTC: C{2026-12-06T19:00:00.123Z}."""
-    when = datetime.fromtimestamp(seconds, timezone.utc)
-    return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
-
-
-def _day(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y%m%d")
 
 
 def _client_ip(peer: object) -> str:
@@ -148,9 +126,7 @@ def _row(event: Mapping[str, Any], common: Mapping[str, object], rcpt: object) -
 
 def csv_line(row: Mapping[str, str]) -> str:
     """One row as a CSV line with its CRLF."""
-    out = io.StringIO()
-    csv.writer(out, lineterminator="\r\n").writerow([row[name] for name in FIELDS])
-    return out.getvalue()
+    return ",".join(csv_field(row[name]) for name in FIELDS) + "\r\n"
 
 
 def header(now: float) -> str:
@@ -161,81 +137,11 @@ def header(now: float) -> str:
     )
 
 
-class TrackingFiles:
-    """
-    The files, written by one thread at a time (L{TrackingLog} sees to it):
-    rotation by day and size, clean-up by age.  Blocking.
-    """
-
-    def __init__(self, directory: Path, *, max_bytes: int, max_age: timedelta) -> None:
-        self.directory = directory
-        self._max_bytes = max_bytes
-        self._max_age = max_age
-        self._day = ""
-        self._number = 0
-        self._size = 0
-        self._rows = 0
-
-    def write(self, rows: list[tuple[float, str]], now: float) -> None:
-        """
-        Append C{rows} (the event's time, the CSV line) to the file of each
-        row's day, starting the next file of that day when one is full.
-
-        @raise OSError: the directory or a file cannot be written.
-        """
-        self.directory.mkdir(parents=True, exist_ok=True)
-        out = None
-        try:
-            for when, line in rows:
-                size = len(line.encode("utf-8"))
-                day = _day(when)
-                if out is None or day != self._day:
-                    if out is not None:
-                        out.close()
-                    out = self._open(day, now, full=False)  # the day's last file
-                elif self._size + size > self._max_bytes and self._rows > 0:
-                    out.close()
-                    out = self._open(day, now, full=True)
-                out.write(line)
-                self._size += size
-                self._rows += 1
-        finally:
-            if out is not None:
-                out.close()
-
-    def _open(self, day: str, now: float, *, full: bool) -> io.TextIOWrapper:
-        if full:
-            self._number += 1
-        else:
-            if day > self._day:
-                self.clean(now)
-            self._day = day
-            # After a restart (or a late row of another day), that day's last file.
-            self._number = max((n for d, n, _ in _files(self.directory) if d == day), default=1)
-        path = self.directory / f"MSGTRK{day}-{self._number}.LOG"
-        out = open(path, "a", encoding="utf-8", newline="")
-        self._size = out.tell()
-        self._rows = 1 if self._size > 0 else 0  # a continued file holds rows (or only a header)
-        if full is False and self._size >= self._max_bytes:
-            out.close()
-            return self._open(day, now, full=True)
-        if self._size == 0:
-            text = header(now)
-            out.write(text)
-            self._size = len(text.encode("utf-8"))
-        return out
-
-    def clean(self, now: float) -> list[Path]:
-        """Remove the files whose day ended more than C{max_age} before C{now}."""
-        removed = []
-        for day, _, path in _files(self.directory):
-            if _day_end(day) + self._max_age.total_seconds() < now:
-                try:
-                    path.unlink()
-                    removed.append(path)
-                except OSError:
-                    pass
-        return removed
+def _files(log_dir: Path, *, max_bytes: int = 10 * 1024 * 1024,
+           max_age: timedelta = timedelta(days=30)) -> RotatingFiles:
+    # One writer (this process) continues each day's last file.
+    return RotatingFiles(tracking_dir(log_dir), "MSGTRK", hourly=False, header=header,
+                         max_bytes=max_bytes, max_age=max_age)
 
 
 @implementer(ILogObserver)
@@ -261,31 +167,17 @@ class TrackingLog:
             L{IReactorFromThreads}, writes go to a thread of their own.
         @param run: where the blocking writes run instead (tests: inline).
         """
-        self.files = TrackingFiles(tracking_dir(log_dir), max_bytes=max_bytes, max_age=max_age)
+        self.files = _files(log_dir, max_bytes=max_bytes, max_age=max_age)
         self._clock = reactor
-        self._flush_every = flush_every
-        self._max_buffered = max_buffered
-        self._pool: ThreadPool | None = None
-        if run is None and IReactorFromThreads.providedBy(reactor):
-            pool = ThreadPool(minthreads=0, maxthreads=1, name="relaygw-tracking")
-            self._pool = pool
-            threads = cast(IReactorFromThreads, reactor)
-
-            def in_thread(work: Callable[[], None]) -> Deferred[None]:
-                return deferToThreadPool(threads, pool, work)
-
-            run = in_thread
-        self._run: Runner = run if run is not None else maybeDeferred
-        self._pending: list[tuple[float, str]] = []
-        self._dropped = 0
-        self._timer: IDelayedCall | None = None
-        self._writing: Deferred[None] | None = None
+        self._writer: BufferedWriter[tuple[float, str]] = BufferedWriter(
+            reactor, self.files.write, what="message tracking log", flush_every=flush_every,
+            max_buffered=max_buffered, run=run,
+        )
         self._publisher: Any = None
 
     def start(self, publisher: Any) -> None:
         """Observe C{publisher}'s events; remove old files (in the writer)."""
-        if self._pool is not None:
-            self._pool.start()
+        self._writer.start()
         self._publisher = publisher
         publisher.addObserver(self)
         now = self._clock.seconds()
@@ -293,7 +185,7 @@ class TrackingLog:
         def clean() -> None:
             self.files.clean(now)
 
-        self._write(clean)
+        self._writer.run(clean)
 
     def __call__(self, event: Mapping[str, Any]) -> None:
         try:
@@ -301,87 +193,18 @@ class TrackingLog:
         except Exception:  # an observer never raises into the publisher
             return
         for row in rows:
-            if len(self._pending) >= self._max_buffered:
-                self._dropped += 1
-                continue
             when = event.get("log_time")
             stamp = float(when) if isinstance(when, (int, float)) else self._clock.seconds()
             if not row["date-time"]:
                 row["date-time"] = utc_stamp(stamp)
-            self._pending.append((stamp, csv_line(row)))
-        if self._pending and self._timer is None and self._writing is None:
-            self._timer = self._clock.callLater(self._flush_every, self._flush)
-
-    def _flush(self) -> None:
-        self._timer = None
-        if self._writing is not None or not self._pending:
-            return
-        rows, self._pending = self._pending, []
-        now = self._clock.seconds()
-        self._write(lambda: self.files.write(rows, now), count=len(rows))
-
-    def _write(self, work: Callable[[], None], count: int = 0) -> None:
-        def failed(failure: Any) -> None:
-            # Not a tracking event, so no row (and no loop) comes of it.
-            _log.error("cannot write the message tracking log ({count} rows lost): {problem}",
-                       count=count, problem=str(failure.value))
-
-        def done(_: object) -> None:
-            self._writing = None
-            if self._dropped:
-                _log.error("message tracking log: {count} rows dropped, the disk is too slow",
-                           count=self._dropped)
-                self._dropped = 0
-            if self._pending and self._timer is None:
-                self._timer = self._clock.callLater(self._flush_every, self._flush)
-
-        d = self._writing = self._run(work)
-        d.addErrback(failed)
-        d.addBoth(done)
+            self._writer.add((stamp, csv_line(row)))
 
     def stop(self) -> Deferred[None]:
         """Stop observing, write what is buffered, stop the writer thread."""
-        return Deferred.fromCoroutine(self._stop())
-
-    async def _stop(self) -> None:
         if self._publisher is not None:
             self._publisher.removeObserver(self)
             self._publisher = None
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        for _ in range(2):  # the write in flight, then the rest
-            if self._writing is not None:
-                await self._writing
-            self._flush()
-        if self._writing is not None:
-            await self._writing
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        if self._pool is not None:
-            self._pool.stop()
-            self._pool = None
-
-
-def _day_end(day: str) -> float:
-    """The end of a file name's C{yyyymmdd} day, UTC, in seconds."""
-    return (datetime.strptime(day, "%Y%m%d").replace(tzinfo=timezone.utc)
-            + timedelta(days=1)).timestamp()
-
-
-def _files(directory: Path) -> list[tuple[str, int, Path]]:
-    """The tracking files in C{directory}: (day, number, path), in order."""
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return []
-    found = []
-    for name in names:
-        m = _NAME.match(name)
-        if m:
-            found.append((m.group(1), int(m.group(2)), directory / name))
-    return sorted(found)
+        return self._writer.stop()
 
 
 def read_rows(log_dir: Path, since: float | None = None) -> Iterator[dict[str, str]]:
@@ -392,16 +215,7 @@ def read_rows(log_dir: Path, since: float | None = None) -> Iterator[dict[str, s
     @param since: skip the files whose (UTC) day ended before this time.
     @raise OSError: a file cannot be read.
     """
-    for day, _, path in _files(tracking_dir(log_dir)):
-        if since is not None and _day_end(day) < since:
-            continue
-        with open(path, encoding="utf-8", errors="replace", newline="") as f:
-            fields = list(FIELDS)
-            for values in csv.reader(f):
-                if not values:
-                    continue
-                if values[0].startswith("#"):
-                    if values[0].startswith("#Fields:"):
-                        fields = [values[0][len("#Fields:"):].strip(), *values[1:]]
-                    continue
-                yield dict(zip(fields, values))
+    files = _files(log_dir)
+    paths = [path for day, _, path in files.files()
+             if since is None or files.period_end(day) >= since]
+    yield from read_csv_rows(paths, FIELDS)
