@@ -12,14 +12,16 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from typing import TextIO, cast
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 
 from relaygw._types import IServeReactor
-from relaygw.runner import PEER_MARK
+from relaygw.runner import PEER_MARK, BatchedOutput
 
 __all__ = ["main"]
 
@@ -37,12 +39,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--config", "-c", default=None)
     parser.add_argument("--fd", type=int, action="append", default=[])
     args = parser.parse_args(argv)
-    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stdout)], redirectStandardIO=False)
+    out = BatchedOutput(sys.stdout)
+    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(cast(TextIO, out))],
+                                     redirectStandardIO=False)
 
     from twisted.internet import task
 
     def start(reactor: IServeReactor) -> Deferred[None]:
-        return Deferred.fromCoroutine(_serve(reactor, args.config, tuple(args.fd)))
+        out.attach(cast(IReactorFromThreads, reactor))
+        return Deferred.fromCoroutine(_serve(reactor, args.config, tuple(args.fd), out))
 
     task.react(start)
 
@@ -67,14 +72,11 @@ class _Parent(LineOnlyReceiver):
             self._gone.callback(None)
 
 
-def _tell_parent(line: bytes) -> None:
-    # The log's stream: each write is one whole line, flushed at once
-    # (the limits of the other processes wait for it).
-    sys.stdout.write(PEER_MARK.decode() + line.decode() + "\n")
-    sys.stdout.flush()
 
 
-async def _serve(reactor: IServeReactor, config_path: str | None, fds: tuple[int, ...]) -> None:
+async def _serve(
+    reactor: IServeReactor, config_path: str | None, fds: tuple[int, ...], out: BatchedOutput
+) -> None:
     from twisted.internet import stdio
 
     from relaygw.config._load import load, load_default
@@ -93,7 +95,11 @@ async def _serve(reactor: IServeReactor, config_path: str | None, fds: tuple[int
         "before", "shutdown", lambda: service.stopService() if service.running else None)
     gone: Deferred[None] = Deferred()
     # Only stdin is read; the log owns stdout (StandardIO would make it non-blocking).
-    stdio.StandardIO(_Parent(service.share_limits(_tell_parent), gone), stdout=os.open(os.devnull, os.O_WRONLY),  # type: ignore[call-arg,no-untyped-call]
+    def tell_parent(line: bytes) -> None:
+        # Beside the log records, in the same turn's write (whole lines).
+        out.write(PEER_MARK.decode() + line.decode() + "\n")
+
+    stdio.StandardIO(_Parent(service.share_limits(tell_parent), gone), stdout=os.open(os.devnull, os.O_WRONLY),  # type: ignore[call-arg,no-untyped-call]
                      reactor=reactor)
     await gone
     if service.running:  # not already stopping on SIGTERM
