@@ -189,8 +189,7 @@ class BatchedOutput:
     """
     A child's stdout to the gateway, written once per reactor turn: the log
     records and limits changes of one turn go out in one write, so the
-    gateway reads one chunk instead of a wake-up per line (measured: a
-    receiving worker's pipe traffic cost more CPU than its sessions).
+    gateway reads one chunk instead of waking up for each line.
     Thread-safe (log events come from threads too); before L{attach}, and
     after the reactor stopped, writes go straight through.
     """
