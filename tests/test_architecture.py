@@ -39,7 +39,7 @@ _PURE_TWISTED_OK = (
 HOMES = {
     "ldap3": ("relaygw.auth.directory",),
     "tomllib": ("relaygw.config._load",),
-    "treq": ("relaygw.deliver.mtasts",),
+    "treq": ("relaygw.deliver.mtasts", "relaygw.deliver.oauth"),
 }
 
 

@@ -439,6 +439,64 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual(self.outcome_of().outcomes["a@x.test"].reply, str(outcome.AUTH_NOT_OFFERED))
         self.assertFalse(any(c.startswith(b"HELO") for c in server.commands))
 
+    def test_xoauth2_sasl_string(self) -> None:
+        """AUTH XOAUTH2 sends base64("user=U^Aauth=Bearer T^A^A") after STARTTLS (issue 9)."""
+        server = ScriptedServer(ehlo=(b"250-fake", b"250-AUTH XOAUTH2", b"250 STARTTLS"))
+        server.lineReceived = _answer_auth(server, b"235 2.7.0 ok")  # type: ignore[method-assign]
+        client, _, _ = self.run_client(server, tls="verify",
+                                       auth=ClientAuth("box@x.test", "tok.en", "xoauth2"))
+        r = self.outcome_of()
+        self.assertEqual(r.outcomes["a@x.test"].kind, "delivered")
+        self.assertFalse(r.auth_refused)
+        sasl = base64.b64encode(b"user=box@x.test\x01auth=Bearer tok.en\x01\x01")
+        self.assertIn(b"AUTH XOAUTH2 " + sasl, server.commands)
+        self.assertEqual(client.log.str(), b"")
+
+    def test_xoauth2_not_offered(self) -> None:
+        """A host without AUTH XOAUTH2 gets no token: retry, fail over."""
+        server = ScriptedServer(ehlo=(b"250-fake", b"250-AUTH PLAIN LOGIN", b"250 STARTTLS"))
+        self.run_client(server, tls="verify", auth=ClientAuth("u", "tok", "xoauth2"))
+        r = self.outcome_of()
+        self.assertEqual(r.outcomes["a@x.test"].reply, str(outcome.XOAUTH2_NOT_OFFERED))
+        self.assertTrue(r.failover)
+        self.assertFalse(any(c.startswith(b"AUTH") for c in server.commands))
+
+    def test_xoauth2_refused_is_retry_and_flagged(self) -> None:
+        """535 to the token: retried (4.7.8, never a bounce), auth_refused set, token not shown."""
+        server = ScriptedServer(ehlo=(b"250-fake", b"250-AUTH XOAUTH2", b"250 STARTTLS"))
+        server.lineReceived = _answer_auth(  # type: ignore[method-assign]
+            server, b"535 5.7.3 Authentication unsuccessful tok.en")
+        self.run_client(server, tls="verify", auth=ClientAuth("u", "tok.en", "xoauth2"))
+        r = self.outcome_of()
+        result = r.outcomes["a@x.test"]
+        self.assertEqual(result.kind, "retry")
+        self.assertIn("4.7.8", result.reply)
+        self.assertNotIn("tok.en", result.reply)
+        self.assertTrue(r.auth_refused)
+
+    def test_xoauth2_error_challenge_answered_empty(self) -> None:
+        """A 334 error challenge is answered with an empty line; the 535 then ends AUTH."""
+        server = ScriptedServer(ehlo=(b"250-fake", b"250-AUTH XOAUTH2", b"250 STARTTLS"))
+        plain = ScriptedServer.lineReceived.__get__(server)
+        answers: list[bytes] = []
+
+        def received(line: bytes) -> None:
+            if line.startswith(b"AUTH"):
+                server.commands.append(line)
+                server.sendLine(b"334 " + base64.b64encode(b'{"status":"401"}'))
+            elif server.commands and server.commands[-1].startswith(b"AUTH") and not answers:
+                answers.append(line)
+                server.sendLine(b"535 5.7.3 Authentication unsuccessful")
+            else:
+                plain(line)
+
+        server.lineReceived = received  # type: ignore[method-assign]
+        self.run_client(server, tls="verify", auth=ClientAuth("u", "tok", "xoauth2"))
+        self.assertEqual(answers, [b""])
+        r = self.outcome_of()
+        self.assertEqual(r.outcomes["a@x.test"].kind, "retry")
+        self.assertTrue(r.auth_refused)
+
     def test_client_auth_repr_hides_password(self) -> None:
         """ClientAuth's repr (as in a log line or a traceback) has the user, not the password."""
         self.assertEqual(repr(ClientAuth("u", "hunter2")), "ClientAuth(user='u')")

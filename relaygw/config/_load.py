@@ -60,6 +60,8 @@ from relaygw.config._model import (
     RouteVia,
     Users,
 )
+from relaygw.config._graph import GRAPH_KEYS, graph_route
+from relaygw.config._oauth import route_auth
 from relaygw.config._table import Source, Table
 from relaygw.config._units import (
     parse_binding,
@@ -91,7 +93,8 @@ _DIRECTORY = (
 )  # fmt: skip
 _ROUTE = (
     "name", "via", "smarthosts", "maildir", "port", "tls", "ca_file", "auth_user",
-    "auth_password_file", "max_concurrency", "ip_literals", "protocol_logging",
+    "auth_password_file", "max_concurrency", "ip_literals", "protocol_logging", "auth", "oauth",
+    *GRAPH_KEYS,
 )  # fmt: skip
 
 _ROUTE_TLS: tuple[RouteTLS, ...] = ("off", "opportunistic", "required", "verify", "mta-sts")
@@ -306,7 +309,7 @@ def _user_filter(text: str) -> str:
 
 def _route(t: Table) -> Route:
     name = t.required_string("name")
-    via: RouteVia = t.choice("via", "mx", ("mx", "smarthost", "maildir"))
+    via: RouteVia = t.choice("via", "mx", ("mx", "smarthost", "maildir", "graph"))
     port = t.integer("port", 25, maximum=65535)
     smarthosts = t.parsed_list("smarthosts", lambda s: parse_hostport(s, port), ())
     maildir = t.path("maildir", None)
@@ -324,7 +327,7 @@ def _route(t: Table) -> Route:
             )
     tls = t.choice("tls", "opportunistic", _ROUTE_TLS)
     ca_file = t.path("ca_file", None)
-    if ca_file is not None and tls not in ("verify", "mta-sts"):
+    if ca_file is not None and tls not in ("verify", "mta-sts") and via != "graph":
         raise t.error(
             "ca_file", f'is only used with tls = "verify" or "mta-sts" (this route has tls = "{tls}")'
         )
@@ -334,10 +337,14 @@ def _route(t: Table) -> Route:
     auth_password_file = t.path("auth_password_file", None)
     if auth_user and via != "smarthost":
         raise t.error("auth_user", 'is only used with via = "smarthost"')
-    if auth_user and auth_password_file is None:
+    auth, oauth = route_auth(
+        t, via=via, tls=tls, auth_user=auth_user, auth_password_file=auth_password_file
+    )
+    if auth_user and auth_password_file is None and auth == "password":
         raise t.error("auth_password_file", "auth_user is set, so a password file is needed")
     if auth_password_file is not None and not auth_user:
         raise t.error("auth_user", "auth_password_file is set, so a user name is needed")
+    graph_endpoint, mailbox = graph_route(t, via)
     return Route(
         name=name,
         via=via,
@@ -351,6 +358,10 @@ def _route(t: Table) -> Route:
         max_concurrency=t.integer("max_concurrency", 20),
         ip_literals=_ip_literals(t, via),
         protocol_logging=t.choice("protocol_logging", "none", ("none", "verbose")),
+        auth=auth,
+        oauth=oauth,
+        graph_endpoint=graph_endpoint,
+        mailbox=mailbox,
     )
 
 

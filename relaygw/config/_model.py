@@ -16,10 +16,11 @@ from typing import Literal
 from attrs import field, frozen
 
 TLSMode = Literal["starttls", "implicit", "off"]
-RouteVia = Literal["mx", "smarthost", "maildir"]
+RouteVia = Literal["mx", "smarthost", "maildir", "graph"]
 RouteTLS = Literal["off", "opportunistic", "required", "verify", "mta-sts"]
 DomainType = Literal["authoritative", "internal-relay"]
 DirectoryKind = Literal["active-directory", "ldap"]
+RouteAuth = Literal["password", "xoauth2"]
 
 #: The rights of SPEC's rights table, by their plain names.
 RIGHTS = frozenset({"submit", "relay", "accept-any-sender", "accept-authoritative-sender"})
@@ -225,6 +226,34 @@ class AcceptedDomain:
 
 
 @frozen
+class OAuth:
+    """
+    C{[routes.oauth]}: the Entra ID application whose access tokens a route
+    uses (OAuth 2.0 client credentials grant, issue 9).
+
+    @ivar token_endpoint: the full URL, the tenant's v2.0 endpoint unless
+        overridden.
+    @ivar scope: the override, else by route kind (Exchange Online for
+        SMTP, Microsoft Graph for C{via = "graph"}).
+    @ivar client_secret_file: the secret's file; else C{certificate_file}
+        and C{private_key_file} sign a client assertion.
+    @ivar ca_file: the PEM certificates trusted for the token endpoint;
+        C{None} for the system store.
+    @ivar timeout: for one whole token request.
+    """
+
+    tenant_id: str
+    client_id: str
+    token_endpoint: str
+    scope: str
+    client_secret_file: Path | None = None
+    certificate_file: Path | None = None
+    private_key_file: Path | None = None
+    ca_file: Path | None = None
+    timeout: timedelta = timedelta(seconds=10)
+
+
+@frozen
 class Route:
     """
     One route (SPEC section 2, C{[[routes]]}).
@@ -248,6 +277,14 @@ class Route:
     #: C{"verbose"}: write this route's sessions to the SmtpSend protocol
     #: log (Exchange's per-Send-connector ProtocolLoggingLevel).
     protocol_logging: Literal["none", "verbose"] = "none"
+    #: C{"xoauth2"}: SMTP AUTH XOAUTH2 as C{auth_user} with a token of C{oauth}.
+    auth: RouteAuth = "password"
+    oauth: OAuth | None = None
+    #: C{via = "graph"}: the Microsoft Graph base URL (no trailing C{/}).
+    graph_endpoint: str = "https://graph.microsoft.com"
+    #: C{via = "graph"}: the mailbox every message is sent as; C{None}:
+    #: the envelope sender's own mailbox.
+    mailbox: str | None = None
 
 
 @frozen

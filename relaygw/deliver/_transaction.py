@@ -10,7 +10,7 @@ from typing import BinaryIO, Callable, Literal, Sequence
 
 from attrs import field, frozen
 
-from relaygw.config._model import RouteTLS
+from relaygw.config._model import RouteAuth, RouteTLS
 from relaygw.spool.envelope import Envelope, Outcome
 
 __all__ = [
@@ -51,12 +51,14 @@ def check_tls_mode(mode: RouteTLS) -> ClientTLS:
 class ClientAuth:
     """
     The credentials of a smarthost route (C{auth_user} and the content of
-    C{auth_password_file}).  The password is left out of C{repr}, so a value
-    logged or shown in a traceback never carries it.
+    C{auth_password_file}, or, with C{mechanism = "xoauth2"}, an OAuth
+    access token as C{password}).  The password is left out of C{repr}, so
+    a value logged or shown in a traceback never carries it.
     """
 
     user: str
     password: str = field(repr=False)
+    mechanism: RouteAuth = field(default="password", repr=False)
 
 
 @frozen
@@ -124,8 +126,11 @@ class TransactionResult:
     @ivar failover: C{True} when the host never took the transaction
         (connection failure, refused or broken before the reply to MAIL, a
         4xx to MAIL, TLS required but missing): another host may do better.
+    @ivar auth_refused: the host answered AUTH with a 5xx (for XOAUTH2: the
+        token may have expired or been revoked, so a fresh one may do).
     """
 
     host: str
     outcomes: dict[str, Outcome]
     failover: bool
+    auth_refused: bool = False

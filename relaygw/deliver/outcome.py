@@ -38,6 +38,8 @@ __all__ = [
     "AUTH_NEEDS_TLS",
     "AUTH_NOT_OFFERED",
     "AUTH_REFUSED",
+    "XOAUTH2_NOT_OFFERED",
+    "TOKEN_UNAVAILABLE",
     "ROUTE_FILE_UNREADABLE",
     "PROTOCOL_ERROR",
     "SMTPUTF8_NOT_OFFERED",
@@ -90,6 +92,11 @@ AUTH_NOT_OFFERED = _local(
     451, "4.7.0", "The route needs AUTH but the remote host offers neither PLAIN nor LOGIN"
 )
 AUTH_REFUSED = _local(451, "4.7.8", "The remote host refused the route's credentials")
+XOAUTH2_NOT_OFFERED = _local(
+    451, "4.7.0", "The route needs AUTH XOAUTH2 but the remote host does not offer it"
+)
+# The token endpoint down or refusing the app: the mail waits (issue 9).
+TOKEN_UNAVAILABLE = _local(451, "4.7.0", "No OAuth access token for the route")
 ROUTE_FILE_UNREADABLE = _local(
     451, "4.3.5", "A file the route needs cannot be read; see the log"
 )

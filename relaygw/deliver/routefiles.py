@@ -67,7 +67,8 @@ class RouteFiles:
                 )
             if route.tls == "mta-sts" and self.verified is None:
                 self.verified = verified_tls_options(self.trust)
-            if route.auth_user and self.auth is None:
+            # An xoauth2 route's credential is a token (its target's token source).
+            if route.auth_user and route.auth == "password" and self.auth is None:
                 key, path = "auth_password_file", route.auth_password_file
                 assert path is not None  # the loader requires it with auth_user
                 password = path.read_text(encoding="utf-8").rstrip("\r\n")

@@ -449,7 +449,10 @@ class Scheduler:
             self._spool.remove(envelope.id)
             return
         attempts = max(r.attempts for r in envelope.pending)
-        when = min(now + self._queue.retry_delay(attempts).total_seconds(), expire_at)
+        when = now + self._queue.retry_delay(attempts).total_seconds()
+        # An upstream's Retry-After (Graph's 429) is a floor under the schedule.
+        floor = max((o.retry_at for o in outcomes.values() if o.kind == "retry"), default=0.0)
+        when = min(max(when, floor), expire_at)
         if warn and not envelope.delay_warned and warn_at > now:
             when = min(when, warn_at)
         if when <= now:  # expired, but its DSN could not be spooled

@@ -27,12 +27,17 @@ SMTP AUTH (a L{ClientAuth}, from a smarthost route's C{auth_user}): PLAIN
 when offered, else LOGIN, and only over TLS; without TLS, or when the host
 offers neither, the credentials are not sent and the attempt is retried.
 A refusal of the credentials is retried too, whatever its class (a bad
-password must not bounce mail), and logged as an error.
+password must not bounce mail), and logged as an error.  With
+C{mechanism = "xoauth2"} (issue 9) the password is an OAuth access token
+sent as C{AUTH XOAUTH2} (C{user=...^Aauth=Bearer ...^A^A}, base64); a 334
+error challenge is answered with an empty line, and a 5xx sets
+L{TransactionResult.auth_refused} so the target can try a fresh token.
 
 Protocol log (a L{SendLog}, for a route with C{protocol_logging =
 "verbose"}): every line sent and received, as Exchange's SmtpSend log, with
-AUTH masked (C{AUTH PLAIN ****}, each LOGIN response C{****}) and no
-message data (the final C{.} only, after a C{*} row with the size).
+AUTH masked (C{AUTH PLAIN ****}, C{AUTH XOAUTH2 ****}, each LOGIN response
+C{****}) and no message data (the final C{.} only, after a C{*} row with
+the size).
 
 The values a transaction takes and gives (L{OutboundMessage},
 L{TransactionResult}, ...) live in L{relaygw.deliver._transaction} and are
@@ -189,6 +194,7 @@ class RelayClient(smtp.ESMTPClient):  # type: ignore[misc]
         self._server_name = server_name
         self._tls = tls
         self._auth = auth
+        self._auth_rejected = False
         self._timeouts = timeouts
         self._extensions: frozenset[bytes] = frozenset()
         self._auth_offered: frozenset[bytes] = frozenset()
@@ -246,7 +252,9 @@ class RelayClient(smtp.ESMTPClient):  # type: ignore[misc]
         self._data.close()
         if self._auth is not None:
             outcomes = {r: evolve(o, reply=self._scrub(o.reply)) for r, o in outcomes.items()}
-        self.result.callback(TransactionResult(self._host, outcomes, failover))
+        self.result.callback(
+            TransactionResult(self._host, outcomes, failover, auth_refused=self._auth_rejected)
+        )
 
     def _fire_error(self, error: Outcome) -> None:
         failover = self._stage in _BEFORE_TRANSACTION
@@ -470,7 +478,9 @@ class RelayClient(smtp.ESMTPClient):  # type: ignore[misc]
             self._give_up(_o.local_outcome(_o.AUTH_NEEDS_TLS, self._host))
             return
         self._failresponse = self._auth_refused
-        if b"PLAIN" in self._auth_offered:
+        if self._auth.mechanism == "xoauth2":
+            self._xoauth2()
+        elif b"PLAIN" in self._auth_offered:
             # RFC 4616: empty authorization identity, then user and password.
             self._expected = [235]
             self._okresponse = self._authenticated
@@ -485,6 +495,32 @@ class RelayClient(smtp.ESMTPClient):  # type: ignore[misc]
                 host=self._host,
             )
             self._give_up(_o.local_outcome(_o.AUTH_NOT_OFFERED, self._host))
+
+    def _xoauth2(self) -> None:
+        if b"XOAUTH2" not in self._auth_offered:
+            _log.error(
+                "{host} does not offer AUTH XOAUTH2; the route needs it", host=self._host
+            )
+            self._give_up(_o.local_outcome(_o.XOAUTH2_NOT_OFFERED, self._host))
+            return
+        self._expected = [235]
+        self._okresponse = self._authenticated
+        self._failresponse = self._xoauth2_challenge
+        self.sendLine(b"AUTH XOAUTH2 " + self._b64(self._xoauth2_sasl()))
+
+    def _xoauth2_sasl(self) -> bytes:
+        # Microsoft's and Google's documented SASL XOAUTH2 initial response.
+        user, token = self._credentials()
+        return b"user=%s\x01auth=Bearer %s\x01\x01" % (user, token)
+
+    def _xoauth2_challenge(self, code: int, resp: bytes) -> None:
+        if code != 334:
+            self._auth_refused(code, resp)
+            return
+        # A 334 here carries the server's error (base64 JSON); the client
+        # answers with an empty line and gets the final 5xx.
+        self._failresponse = self._auth_refused
+        self.sendLine(b"")
 
     def _credentials(self) -> tuple[bytes, bytes]:
         assert self._auth is not None
@@ -514,6 +550,7 @@ class RelayClient(smtp.ESMTPClient):  # type: ignore[misc]
         if 500 <= code < 600:
             # A 5xx here is the route's configuration, not the message's:
             # retried so that a bad password bounces nothing.
+            self._auth_rejected = True
             _log.error(
                 "{host} refused the route's credentials: {reply}",
                 host=self._host,
@@ -534,6 +571,7 @@ class RelayClient(smtp.ESMTPClient):  # type: ignore[misc]
             password,
             self._b64(password),
             self._b64(b"\0%s\0%s" % (user, password)),
+            self._b64(self._xoauth2_sasl()),
         ):
             text = text.replace(secret.decode("utf-8", "replace"), "***")
         return text

@@ -1,7 +1,7 @@
 """
-The delivery targets (L{IDeliveryTarget}) of the three route kinds:
-C{maildir}, C{smarthost} and C{mx} (SPEC section 4; the last in
-L{relaygw.deliver.mx}).
+The delivery targets (L{IDeliveryTarget}) of the route kinds:
+C{maildir}, C{smarthost}, C{mx} and C{graph} (SPEC section 4; the last two
+in L{relaygw.deliver.mx} and L{relaygw.deliver.graph}).
 
 Each C{deliver} returns a Deferred firing with one L{Outcome} per recipient
 and never fails.
@@ -25,10 +25,13 @@ from relaygw._types import IServeReactor
 from relaygw.config._model import Route
 from relaygw.deliver import outcome as _o
 from relaygw.deliver.connections import ConnectionCache, deliver_to_host
+from relaygw.deliver.graph import GraphTarget
 from relaygw.deliver.mx import MXTarget
+from relaygw.deliver.oauth import token_source
 from relaygw.deliver.routefiles import RouteFiles
 from relaygw.deliver.smtpclient import (
     DATA_ERRORS,
+    ClientAuth,
     ClientTimeouts,
     DataOpener,
     OutboundMessage,
@@ -37,7 +40,7 @@ from relaygw.deliver.smtpclient import (
     TransactionResult,
     check_tls_mode,
 )
-from relaygw.interfaces import IDeliveryTarget, IProtocolLog
+from relaygw.interfaces import IDeliveryTarget, IProtocolLog, ITokenSource, TokenUnavailable
 from relaygw.route.router import split_address
 from relaygw.spool.envelope import Envelope, Outcome
 
@@ -228,6 +231,11 @@ class SmarthostTarget:
 
     The route's files are read as L{RouteFiles} says; until they are, every
     recipient is retried.
+
+    With C{auth = "xoauth2"} each host is sent a token of the route's
+    L{ITokenSource}; no token is a retry of every recipient, and a host
+    that refuses the token (5xx to AUTH) is tried once more, at once, with
+    a fresh one (it may have expired or been revoked).
     """
 
     _log = Logger()
@@ -241,6 +249,7 @@ class SmarthostTarget:
         timeouts: ClientTimeouts = ClientTimeouts(),
         tls_options: TLSOptionsFactory | None = None,
         send_log: SendLog | None = None,
+        tokens: ITokenSource | None = None,
     ) -> None:
         """
         @param route: a C{via = "smarthost"} route.
@@ -248,6 +257,8 @@ class SmarthostTarget:
         @param helo: the name to send in EHLO (C{gateway.hostname}).
         @param tls_options: overrides the TLS options the route's C{tls} and
             C{ca_file} give (tests).
+        @param tokens: the access tokens of an C{auth = "xoauth2"} route;
+            by default, built from C{route.oauth}.
         """
         self._route = route
         self._tls = check_tls_mode(route.tls)
@@ -257,6 +268,9 @@ class SmarthostTarget:
         self._files = RouteFiles(route, self._tls, tls_options)
         self._cache = ConnectionCache(reactor)
         self._send_log = send_log
+        if tokens is None and route.auth == "xoauth2":
+            tokens = token_source(route, reactor)
+        self._tokens = tokens
 
     def deliver(
         self, envelope: object, recipients: object, open_data: object
@@ -273,19 +287,34 @@ class SmarthostTarget:
     ) -> dict[str, Outcome]:
         message = OutboundMessage.of(envelope, recipients, open_data)
         last: TransactionResult | None = None
+        refreshed = False
         for host in self._route.smarthosts:
-            last = await deliver_to_host(
-                self._reactor,
-                host,
-                message,
-                helo=self._helo,
-                tls=self._tls,
-                timeouts=self._timeouts,
-                tls_options=self._files.tls_options,
-                auth=self._files.auth,
-                cache=self._cache,
-                send_log=self._send_log,
-            )
+            while True:
+                auth = self._files.auth
+                if self._tokens is not None:
+                    try:
+                        token = await self._tokens.token()
+                    except TokenUnavailable as e:
+                        # The source logged why; the message is safe to keep.
+                        later = Outcome("retry", f"{_o.TOKEN_UNAVAILABLE} ({e})")
+                        return {r: later for r in recipients}
+                    auth = ClientAuth(self._route.auth_user, token, "xoauth2")
+                last = await deliver_to_host(
+                    self._reactor,
+                    host,
+                    message,
+                    helo=self._helo,
+                    tls=self._tls,
+                    timeouts=self._timeouts,
+                    tls_options=self._files.tls_options,
+                    auth=auth,
+                    cache=self._cache,
+                    send_log=self._send_log,
+                )
+                if self._tokens is None or not last.auth_refused or refreshed:
+                    break
+                refreshed = True
+                self._tokens.invalidate(token)
             if not last.failover:
                 return last.outcomes
             self._log.info(
@@ -316,12 +345,14 @@ def build_target(
     @param protocol_log: the SmtpSend protocol log, written for a route
         with C{protocol_logging = "verbose"}.
     @raise ValueError: a maildir route without C{maildir}, an mx route
-        without a resolver.
+        without a resolver, a graph route without C{oauth}.
     """
     if route.via == "maildir":
         if route.maildir is None:
             raise ValueError(f"route {route.name!r} has no maildir")
         return MaildirTarget(route.maildir, reactor)
+    if route.via == "graph":
+        return GraphTarget(route, reactor=reactor, tokens=token_source(route, reactor))
     send_log = None
     if protocol_log is not None and route.protocol_logging == "verbose":
         send_log = SendLog(protocol_log, route.name)

@@ -35,11 +35,15 @@ class Outcome:
     @ivar kind: C{delivered} (2xx), C{retry} (4xx or a connection problem), C{bounce} (5xx).
     @ivar reply: the remote reply or a local explanation, one line, for logs and DSNs.
     @ivar remote_host: the host that gave the reply, C{""} when none did.
+    @ivar retry_at: for C{retry}, POSIX seconds before which the message is
+        not tried again (an upstream's Retry-After); C{0.0}: the schedule
+        alone decides.  Never stored in the spool.
     """
 
     kind: OutcomeKind
     reply: str
     remote_host: str = ""
+    retry_at: float = 0.0
 
 
 @frozen
