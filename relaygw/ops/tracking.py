@@ -36,6 +36,7 @@ from relaygw.ops._logfiles import (
     BufferedWriter,
     RotatingFiles,
     Runner,
+    Stamps,
     csv_field,
     read_csv_rows,
     utc_stamp,
@@ -48,6 +49,8 @@ FIELDS = (
     "auth-user", "sender-address", "recipient-address", "recipient-status", "total-bytes",
     "remote-host",
 )
+#: Row times, formatted on the reactor thread only (rows of one second share the work).
+_stamp = Stamps()
 #: The header's C{#Fields:} line, exactly as SPEC section 5 gives it.
 FIELDS_LINE = "#Fields: " + ",".join(FIELDS)
 #: The scheduler's and the DSN spooler's C{event_id}s.
@@ -116,7 +119,7 @@ def _status(kind: str, event: Mapping[str, Any]) -> object:
 def _row(event: Mapping[str, Any], common: Mapping[str, object], rcpt: object) -> dict[str, str]:
     when = event.get("log_time")
     values = dict(common, **{"recipient-address": rcpt})
-    row = {"date-time": utc_stamp(float(when)) if isinstance(when, (int, float)) else ""}
+    row = {"date-time": _stamp(float(when)) if isinstance(when, (int, float)) else ""}
     for name in FIELDS[1:]:
         value = values.get(name)
         text = "" if value is None else str(value)
@@ -196,7 +199,7 @@ class TrackingLog:
             when = event.get("log_time")
             stamp = float(when) if isinstance(when, (int, float)) else self._clock.seconds()
             if not row["date-time"]:
-                row["date-time"] = utc_stamp(stamp)
+                row["date-time"] = _stamp(stamp)
             self._writer.add((stamp, csv_line(row)))
 
     def stop(self) -> Deferred[None]:
