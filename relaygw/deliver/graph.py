@@ -48,18 +48,19 @@ from typing import IO, Any, cast
 from urllib.parse import quote, urlsplit
 
 from twisted.internet import defer
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IConsumer, IReactorTime
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from twisted.web.iweb import IAgent, IResponse
 from zope.interface import implementer
 
 from relaygw._types import IServeReactor
+from relaygw.deliver._http import Body
 from relaygw.config._model import Route
 from relaygw.deliver import outcome as _o
 from relaygw.deliver._graphmime import (
@@ -112,28 +113,6 @@ _PERMANENT = {
     404: ("550 5.1.8", "Graph found no mailbox {mailbox}"),
     413: ("552 5.3.4", "Graph refused the message as too large"),
 }
-
-
-@implementer(IBodyProducer)
-class _Body:
-    """The request body, written at once (its length is known: no chunking)."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self.length = len(data)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self._data)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 class _Collect(Protocol):
@@ -383,7 +362,7 @@ class GraphTarget:
             }
         )
         response: IResponse = await agent.request(
-            b"POST", url.encode("ascii"), headers, _Body(payload)
+            b"POST", url.encode("ascii"), headers, Body(payload)
         )
         collect = _Collect(MAX_ERROR_BODY)
         response.deliverBody(collect)  # type: ignore[no-untyped-call]

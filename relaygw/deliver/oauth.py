@@ -37,14 +37,15 @@ from treq.client import HTTPClient
 from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
-from twisted.internet.interfaces import IConsumer, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
-from twisted.web.iweb import IAgent, IBodyProducer
+from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
 from relaygw._types import IServeReactor
+from relaygw.deliver._http import Body
 from relaygw.config._model import OAuth, Route
 from relaygw.deliver.tlspolicy import load_ca_file
 from relaygw.interfaces import ITokenSource, TokenUnavailable
@@ -137,31 +138,6 @@ def x509_thumbprint(der: bytes, algorithm: hashes.HashAlgorithm) -> bytes:
     digest = hashes.Hash(algorithm)
     digest.update(der)
     return digest.finalize()
-
-
-@implementer(IBodyProducer)
-class _Body:
-    """
-    A small request body written at once.  treq's default producer runs on
-    the global reactor's cooperator; this one needs no reactor at all.
-    """
-
-    def __init__(self, data: object) -> None:
-        self._data = data.encode("ascii") if isinstance(data, str) else cast(bytes, data)
-        self.length = len(self._data)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self._data)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 class _Failed(Exception):
@@ -317,7 +293,7 @@ class ClientCredentials:
 
     async def _post(self, form: dict[str, str]) -> tuple[str, float]:
         headers: dict[bytes | str, bytes | str] = {"Accept": "application/json"}
-        response = await HTTPClient(self._http_agent(), data_to_body_producer=_Body).post(
+        response = await HTTPClient(self._http_agent(), data_to_body_producer=Body).post(
             self._oauth.token_endpoint,
             data=form,
             headers=headers,
