@@ -108,7 +108,6 @@ class ReceiveWorkers(Service):
         """
         self._reactor = reactor
         self._config_path = None if config_path is None else os.path.abspath(config_path)
-        self._count = count
         self._fds = fds
         self._on_queued = on_queued
         self._on_peer = on_peer
@@ -119,16 +118,6 @@ class ReceiveWorkers(Service):
         self._retiring: dict[ChildProtocol, Deferred[None]] = {}
         self._pids: dict[ChildProtocol, int] = {}
         self._stopping = False
-
-    @property
-    def pids(self) -> list[int]:
-        """The running workers' process ids."""
-        return [w.transport.pid for w in self._workers
-                if w.transport is not None and w.transport.pid is not None]
-
-    @property
-    def count(self) -> int:
-        return self._count
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
@@ -159,6 +148,7 @@ class ReceiveWorkers(Service):
         """
         ends = [self._retire(w) for w in self._workers if w.transport is not None]
         for worker in self._workers:
+            _cancel(worker)
             self._spawn(worker)
         return _all(ends)
 
@@ -167,9 +157,7 @@ class ReceiveWorkers(Service):
         super().stopService()  # type: ignore[no-untyped-call]
         self._stopping = True
         for worker in self._workers:
-            if worker.restart is not None and worker.restart.active():
-                worker.restart.cancel()
-            worker.restart = None
+            _cancel(worker)
         return _all([self._retire(w) for w in self._workers if w.transport is not None])
 
     def _retire(self, worker: _Worker) -> Deferred[None]:
@@ -268,6 +256,13 @@ class _Owner:
 
     def _ended(self, child: ChildProtocol, reason: Failure) -> None:
         self._workers._ended(self._worker, child, reason)
+
+
+def _cancel(worker: _Worker) -> None:
+    """Forget a restart planned after a crash."""
+    if worker.restart is not None and worker.restart.active():
+        worker.restart.cancel()
+    worker.restart = None
 
 
 def _signal(transport: IProcessTransport | None, name: str) -> None:
