@@ -97,7 +97,7 @@ async def _serve(
     # Only stdin is read; the log owns stdout (StandardIO would make it non-blocking).
     def tell_parent(line: bytes) -> None:
         # Beside the log records, in the same turn's write (whole lines).
-        out.write(PEER_MARK.decode() + line.decode() + "\n")
+        out.write_now(PEER_MARK.decode() + line.decode() + "\n")
 
     stdio.StandardIO(_Parent(service.share_limits(tell_parent), gone), stdout=os.open(os.devnull, os.O_WRONLY),  # type: ignore[call-arg,no-untyped-call]
                      reactor=reactor)
