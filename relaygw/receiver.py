@@ -21,6 +21,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 
 from relaygw._types import IServeReactor
+from relaygw.events import forward_to_parent
 from relaygw.runner import PEER_MARK, BatchedOutput
 
 __all__ = ["main"]
@@ -42,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = BatchedOutput(sys.stdout)
     globalLogBeginner.beginLoggingTo([jsonFileLogObserver(cast(TextIO, out))],
                                      redirectStandardIO=False)
+    forward_to_parent()
 
     from twisted.internet import task
 

@@ -61,6 +61,7 @@ import relaygw
 from relaygw._types import IServeReactor
 from relaygw.config._model import Config, Queue
 from relaygw.errors import ConfigError
+from relaygw.events import forward_to_parent, republish
 from relaygw.interfaces import IDeliveryTarget, IProtocolLog, IRouter, ISpool
 from relaygw.spool.ids import is_queue_id
 
@@ -401,7 +402,7 @@ class DeliveryProcess(Service):
         except ValueError:
             self._log.warn("delivery process wrote an unreadable log record")
             return
-        self._publisher(event)
+        republish(event, self._publisher)
 
     def _ended(self, child: ChildProtocol, reason: Failure) -> None:
         if child is not self._child:
@@ -551,6 +552,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     globalLogBeginner.beginLoggingTo(
         [jsonFileLogObserver(cast(TextIO, out))], redirectStandardIO=False
     )
+    forward_to_parent()
 
     from twisted.internet import task
 

@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from relaygw.ops.tracking import TrackingLog
     from relaygw.session.factory import SessionFactory
     from relaygw.spool.store import DirectorySpool
+    from relaygw.events import TwistdCopy
     from relaygw.workers import ReceiveWorkers
 
 __all__ = ["AUTH_THREADS", "RelayGatewayService", "StartupError", "build_directory",
@@ -249,6 +250,7 @@ class RelayGatewayService(MultiService):
         self._workers_wanted = workers
         self._workers: ReceiveWorkers | None = None
         self._adopt = adopt
+        self._messages_copy: TwistdCopy | None = None
         self._receive_log: ProtocolLog | None = None
         self._send_log: ProtocolLog | None = None
 
@@ -340,6 +342,7 @@ class RelayGatewayService(MultiService):
         # Nothing above leaves timers or threads behind if it raises; from
         # here on nothing raises.
         self._spool, self._scheduler, self._factory = spool, scheduler, factory
+        self._copy_messages(config)
         if self._tracking_wanted:
             # Before any session or delivery, so that every event is a row.
             from relaygw.ops.tracking import TrackingLog
@@ -454,6 +457,7 @@ class RelayGatewayService(MultiService):
                 self._workers.restart()
             else:
                 self._workers.reload()
+        self._copy_messages(config)
         if self._admin is not None and self._admin.metrics is not None:
             self._admin.metrics.prime(config)  # new connectors and routes show at zero
         self._log.info(
@@ -490,6 +494,22 @@ class RelayGatewayService(MultiService):
         order = {plan: i for i, plan in enumerate(planned)}
         pairs = sorted(zip(self._plans, self._ports), key=lambda pair: order[pair[0]])
         self._plans, self._ports = [p for p, _ in pairs], [port for _, port in pairs]
+
+    def _copy_messages(self, config: Config | None) -> None:
+        """
+        C{gateway.log_messages} of C{config} (C{None}: stopping): copy the
+        per-message events into twistd's log, or stop (L{relaygw.events});
+        a receiving worker's go to the gateway's.
+        """
+        from relaygw.events import MESSAGES, TwistdCopy
+
+        wanted = config is not None and config.gateway.log_messages and self._adopt is None
+        if wanted and self._messages_copy is None:
+            self._messages_copy = TwistdCopy()
+            MESSAGES.addObserver(self._messages_copy)
+        elif not wanted and self._messages_copy is not None:
+            MESSAGES.removeObserver(self._messages_copy)
+            self._messages_copy = None
 
     def _start_admin(self) -> AdminServer | None:
         """
@@ -681,6 +701,7 @@ class RelayGatewayService(MultiService):
         self._release_routes()
         self._stop_auth_pool()
         self._spool = None
+        self._copy_messages(None)
         self._log.info("relaygw stopped")
 
     def _release_routes(self) -> None:

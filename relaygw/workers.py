@@ -41,6 +41,7 @@ from twisted.logger import ILogObserver, Logger, eventFromJSON, globalLogPublish
 from twisted.python.failure import Failure
 
 from relaygw._types import IServeReactor
+from relaygw.events import republish
 from relaygw.runner import ChildProtocol, child_environment
 from relaygw.session.peers import PeerLimits
 
@@ -215,7 +216,7 @@ class ReceiveWorkers(Service):
             queue_id = event.get("queue_id")
             if isinstance(queue_id, str):
                 self._on_queued(queue_id)
-        self._publisher(event)
+        republish(event, self._publisher)
 
     def _ended(self, worker: _Worker, child: ChildProtocol, reason: Failure) -> None:
         pid = self._pids.pop(child, None)

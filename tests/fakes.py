@@ -295,3 +295,19 @@ def reply_lines(data: bytes) -> list[str]:
     """The CRLF-terminated lines of C{data} as text."""
     assert data.endswith(b"\r\n") or not data, data
     return [line.decode("utf-8") for line in data.split(b"\r\n")[:-1]]
+
+
+def all_events(case: Any) -> Any:
+    """
+    An EventLoggingObserver of the global log and of the per-message events
+    (L{relaygw.events.MESSAGES}) together, removed when C{case} ends.
+    """
+    from twisted.internet.testing import EventLoggingObserver
+    from twisted.logger import globalLogPublisher
+
+    from relaygw.events import MESSAGES
+
+    events = EventLoggingObserver.createWithCleanup(case, globalLogPublisher)
+    MESSAGES.addObserver(events)
+    case.addCleanup(MESSAGES.removeObserver, events)
+    return events

@@ -10,8 +10,6 @@ import tracemalloc
 from datetime import timedelta
 from typing import Any
 
-from twisted.logger import globalLogPublisher
-from twisted.internet.testing import EventLoggingObserver
 from twisted.trial.unittest import SynchronousTestCase
 
 from relaygw import replies
@@ -19,6 +17,7 @@ from relaygw.auth.user import AuthenticatedUser
 from relaygw.config._model import Rate, Timeouts
 from relaygw.spool.envelope import TLSInfo
 from tests.fakes import (
+    all_events,
     GATEWAY_FQDN,
     Harness,
     make_connector,
@@ -96,7 +95,7 @@ class GreetingTests(SessionTestCase):
 
     def test_connect_event(self) -> None:
         """With verbose protocol logging an accepted connection is logged with connector, session id and peer."""
-        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        events = all_events(self)
         self.connect(Harness(make_connector(protocol_logging="verbose")))
         [event] = [e for e in events if e.get("event") == "receive.connect"]
         self.assertEqual(
@@ -194,7 +193,7 @@ class CommandTests(SessionTestCase):
 
     def test_verbose_log_hides_auth(self) -> None:
         """With protocol logging on, commands are logged but never AUTH payloads or unknown lines."""
-        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        events = all_events(self)
         self.connect(Harness(make_connector(protocol_logging="verbose")))
         self.send(b"EHLO c\r\nAUTH PLAIN AHVzZXIAc2VjcmV0\r\nc2VjcmV0\r\n")
         logged = [e["data"] for e in events if e.get("event") == "receive.command"]
@@ -503,7 +502,7 @@ class DataTests(SessionTestCase):
 
     def test_queued_event(self) -> None:
         """A queued message is logged with its queue id and reply code."""
-        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        events = all_events(self)
         self.queue_message()
         [event] = [e for e in events if e.get("event") == "receive.queued"]
         self.assertEqual((event["queue_id"], event["smtp_code"], event["connector"]),

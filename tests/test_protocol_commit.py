@@ -9,11 +9,9 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from twisted.internet.testing import EventLoggingObserver
-from twisted.logger import globalLogPublisher
 
 from relaygw.config._model import Timeouts
-from tests.fakes import Harness, make_connector, reply_lines
+from tests.fakes import Harness, make_connector, reply_lines, all_events
 from tests.test_protocol import ENVELOPE, FQDN, MESSAGE, SessionTestCase
 
 SPOOL_FAILED = "452 4.3.1 Insufficient system resources"
@@ -89,7 +87,7 @@ class PendingCommitTests(SessionTestCase):
         is still committed and logged as queued, and nothing is written to
         the gone transport.
         """
-        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        events = all_events(self)
         self.send(MESSAGE + b".\r\nNOOP\r\n")
         self.session.connectionLost(None)
         self.assertEqual(self.release(), [])
@@ -114,7 +112,7 @@ class EventsPerMessageTests(SessionTestCase):
         events: the queued message (with its fields) and the session summary
         at disconnect (connector, peer, messages, duration).
         """
-        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        events = all_events(self)
         self.connect()
         self.queue_message()
         self.harness.reactor.advance(2)
@@ -135,7 +133,7 @@ class EventsPerMessageTests(SessionTestCase):
 
     def test_verbose_logs_every_command(self) -> None:
         """With protocol_logging = "verbose" each command and reply is an event as well."""
-        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        events = all_events(self)
         self.connect(Harness(make_connector(protocol_logging="verbose")))
         self.queue_message()
         names = [e.get("event") for e in events]

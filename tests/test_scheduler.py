@@ -9,11 +9,10 @@ from datetime import timedelta
 from attrs import evolve
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
-from twisted.internet.testing import EventLoggingObserver
-from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
+from tests.fakes import all_events
 from relaygw.config._model import Queue
 from relaygw.deliver.bounce import INotifier
 from relaygw.deliver.dsn import Report
@@ -167,7 +166,7 @@ class Harness(SynchronousTestCase):
         self.local = ScriptedTarget()
         self.other = ScriptedTarget()
         self.notifier = RecordingNotifier()
-        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.events = all_events(self)
 
     def scheduler(
         self, concurrency: dict[str, int] | None = None, max_active: int = 100, window: int = 10_000

@@ -84,7 +84,7 @@ _ROOT = (
 )  # fmt: skip
 _GATEWAY = (
     "hostname", "spool_dir", "log_dir", "admin_listen", "admin_token_file", "default_route",
-    "health_min_free", "health_queue_age", "workers",
+    "health_min_free", "health_queue_age", "workers", "log_messages",
 )  # fmt: skip
 _DOMAIN = ("domain", "type", "route", "validate_recipients")
 _DIRECTORY = (
@@ -244,6 +244,7 @@ def _gateway(t: Table) -> Gateway:
         health_min_free=t.size("health_min_free", 0) or None,
         health_queue_age=t.parsed("health_queue_age", parse_duration, None),
         workers=t.integer("workers", 0, minimum=0, maximum=64),
+        log_messages=t.boolean("log_messages", False),
     )
 
 

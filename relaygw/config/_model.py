@@ -307,6 +307,9 @@ class Gateway:
     health_queue_age: timedelta | None = None
     #: Receiving processes (L{relaygw.workers}); 0: one per core.
     workers: int = 0
+    #: Also write a line per message, session and delivery to twistd's log
+    #: (the tracking log has them anyway; L{relaygw.events}).
+    log_messages: bool = False
 
 
 @frozen

@@ -46,6 +46,7 @@ from relaygw.config._model import Queue
 from relaygw.deliver import outcome as _o
 from relaygw.deliver.bounce import INotifier
 from relaygw.deliver.dsn import Report, report_of
+from relaygw.events import MESSAGES
 from relaygw.interfaces import IDeliveryTarget, IRouter, ISpool
 from relaygw.spool.envelope import Envelope, Outcome, Recipient
 
@@ -71,6 +72,7 @@ class Scheduler:
     """
 
     _log = Logger()
+    _messages = Logger(observer=MESSAGES)
 
     def __init__(
         self,
@@ -493,7 +495,7 @@ class Scheduler:
             reply=outcome.reply,
         )
         if outcome.kind == "delivered":
-            self._log.info(
+            self._messages.info(
                 "DELIVER {queue_id} {recipient} via {route}: {reply}", event_id="DELIVER", **fields
             )
         elif outcome.kind == "retry":

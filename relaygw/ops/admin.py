@@ -38,6 +38,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 from relaygw._types import IServeReactor
 from relaygw.config._model import Config, HostPort
 from relaygw.ops.health import GatewayView, Health
+from relaygw.events import MESSAGES
 from relaygw.ops.metrics import CONTENT_TYPE, Metrics, MetricsObserver
 from relaygw.ops.queue import DEFAULT_LIMIT, MAX_LIMIT, QueueView
 
@@ -306,6 +307,7 @@ class AdminServer:
         self._queue, self._port, self.metrics = queue, port, metrics
         self._observer = MetricsObserver(metrics)
         self._publisher.addObserver(self._observer)
+        MESSAGES.addObserver(self._observer)
         address = port.getHost()
         self._log.info("admin HTTP on {host}:{port}{auth}",
                        host=getattr(address, "host", self.listen.host),
@@ -316,6 +318,7 @@ class AdminServer:
         """Stop listening and counting; join the threads."""
         if self._observer is not None:
             self._publisher.removeObserver(self._observer)
+            MESSAGES.removeObserver(self._observer)
             self._observer = None
         port, self._port = self._port, None
         if port is not None:

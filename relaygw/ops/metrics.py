@@ -38,6 +38,7 @@ from twisted.logger import ILogObserver, LogEvent
 from zope.interface import implementer
 
 from relaygw.config._model import Config
+from relaygw.events import is_copy
 from relaygw.ops.queue import QueueStats
 
 __all__ = ["AUTH_RESULTS", "CONTENT_TYPE", "Metrics", "MetricsObserver"]
@@ -172,6 +173,8 @@ class MetricsObserver:
         self.errors = 0
 
     def __call__(self, event: LogEvent) -> None:
+        if is_copy(event):  # seen already, on the per-message stream
+            return
         try:
             self.metrics.record(event)
         except Exception:

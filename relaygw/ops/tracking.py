@@ -32,6 +32,7 @@ from twisted.logger import ILogObserver
 from zope.interface import implementer
 
 from relaygw import __version__
+from relaygw.events import MESSAGES, is_copy
 from relaygw.ops._logfiles import (
     BufferedWriter,
     RotatingFiles,
@@ -183,6 +184,7 @@ class TrackingLog:
         self._writer.start()
         self._publisher = publisher
         publisher.addObserver(self)
+        MESSAGES.addObserver(self)
         now = self._clock.seconds()
 
         def clean() -> None:
@@ -191,6 +193,8 @@ class TrackingLog:
         self._writer.run(clean)
 
     def __call__(self, event: Mapping[str, Any]) -> None:
+        if is_copy(event):  # seen already, on the per-message stream
+            return
         try:
             rows = rows_of(event)
         except Exception:  # an observer never raises into the publisher
@@ -206,6 +210,7 @@ class TrackingLog:
         """Stop observing, write what is buffered, stop the writer thread."""
         if self._publisher is not None:
             self._publisher.removeObserver(self)
+            MESSAGES.removeObserver(self)
             self._publisher = None
         return self._writer.stop()
 

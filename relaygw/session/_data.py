@@ -11,6 +11,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relaygw import replies
+from relaygw.events import MESSAGES
 from relaygw.accept.intake import DataDecoder, MessageIntake
 from relaygw.errors import DeferReply, RejectReply
 from relaygw.replies import Reply
@@ -21,6 +22,8 @@ from relaygw.spool.envelope import Envelope
 __all__ = ["DataCommands"]
 
 _log = Logger(namespace="relaygw.session")
+#: The per-message events (L{relaygw.events}).
+_messages = Logger(namespace="relaygw.session", observer=MESSAGES)
 
 
 class DataCommands:
@@ -207,7 +210,7 @@ class DataCommands:
         """The commit is durable: log it (one event with all fields) and say 250."""
         s = self._s
         s.messages += 1
-        _log.info(
+        _messages.info(
             "message {queue_id} {message_id} from <{sender}> queued for {count} recipient(s)",
             event="receive.queued", queue_id=envelope.id, message_id=envelope.message_id,
             sender=envelope.sender, recipients=[r.address for r in envelope.recipients],

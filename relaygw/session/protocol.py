@@ -40,6 +40,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relaygw import replies
+from relaygw.events import MESSAGES
 from relaygw.auth.user import AuthenticatedUser
 from relaygw.config._model import Config, Connector
 from relaygw.interfaces import IConnectorSelector, IProtocolLogSession
@@ -90,6 +91,7 @@ class Session(Protocol, TimeoutMixin):
     """
 
     _log = Logger(namespace="relaygw.session")
+    _messages = Logger(namespace="relaygw.session", observer=MESSAGES)
 
     def __init__(
         self, services: SessionServices, config: Config, selector: IConnectorSelector
@@ -221,7 +223,7 @@ class Session(Protocol, TimeoutMixin):
         if self._counter is not None:
             self._counter.release(self.state.client_ip)
             self._counter = None
-            self._log.info(
+            self._messages.info(
                 "connection from {peer} closed after {messages} message(s), {duration:.3f} s",
                 event="receive.disconnect", local=self._local, messages=self.state.messages,
                 duration=self._reactor.seconds() - self._connected_at, **self.state.fields(),

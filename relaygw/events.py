@@ -1,0 +1,72 @@
+"""
+The per-message events: C{receive.queued} (a message committed),
+C{receive.disconnect} (a session ended) and C{DELIVER} (a recipient
+delivered), three or more for every message.
+
+They go to L{MESSAGES}, not to the global log publisher: the message
+tracking log and C{/metrics} observe them there, and twistd's own log
+gets a copy only with C{gateway.log_messages = true} (L{TwistdCopy}).
+Formatting three text lines per message cost about 15 % of the gateway's
+CPU under load (bench/profile_load.py), and the tracking log already has
+every one of them, as Exchange keeps them in its tracking log only.
+
+Across processes: a child (receiving worker, delivery process) forwards its
+per-message events into its own log stream, marked C{message_event}
+(L{forward_to_parent}); the gateway re-publishes marked events to its
+L{MESSAGES} again (L{republish}).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.logger import ILogObserver, LogPublisher, globalLogPublisher
+from zope.interface import implementer
+
+__all__ = ["MESSAGES", "TwistdCopy", "forward_to_parent", "is_copy", "republish"]
+
+#: Where the per-message events are published (see the module's text).
+MESSAGES = LogPublisher()
+
+_MARK = "message_event"
+_COPY = "message_copy"
+
+
+@implementer(ILogObserver)
+class _ToParent:
+    def __call__(self, event: Mapping[str, Any]) -> None:
+        globalLogPublisher(dict(event, **{_MARK: True}))
+
+
+def forward_to_parent() -> ILogObserver:
+    """
+    In a child process: every per-message event also goes to its log
+    stream, marked.
+
+    @return: the observer added to L{MESSAGES}.
+    """
+    observer = _ToParent()
+    MESSAGES.addObserver(observer)
+    return observer
+
+
+def republish(event: dict[str, Any], publisher: ILogObserver) -> None:
+    """In the gateway: a child's event to L{MESSAGES} when it is a per-message one, else to C{publisher}."""
+    if event.pop(_MARK, False):
+        MESSAGES(event)
+    else:
+        publisher(event)
+
+
+@implementer(ILogObserver)
+class TwistdCopy:
+    """C{log_messages = true}: a copy of each per-message event for twistd's log."""
+
+    def __call__(self, event: Mapping[str, Any]) -> None:
+        globalLogPublisher(dict(event, **{_COPY: True}))
+
+
+def is_copy(event: Mapping[str, Any]) -> bool:
+    """Whether C{event} is L{TwistdCopy}'s copy (observers of both streams skip it)."""
+    return bool(event.get(_COPY))
