@@ -240,6 +240,25 @@ class CommandTests(SessionTestCase):
                          [f"421 4.4.2 {FQDN} Timeout waiting for client input"])
         self.assertTrue(self.transport.disconnecting)
 
+    def test_command_timeout_counts_whole_lines(self) -> None:
+        """
+        A byte every 30 s of a command line (slowloris) does not restart the
+        command timeout; a whole line does.
+        """
+        self.send(b"EHLO c\r\n")
+        self.harness.reactor.advance(290)
+        self.send(b"NOOP\r\n")  # restarts it
+        start = self.harness.reactor.seconds()
+        for byte in b"EHLO slow.example":
+            self.harness.reactor.advance(30)
+            if self.transport.disconnecting:
+                break
+            self.send(bytes([byte]))
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(reply_lines(self.transport.value())[-1],
+                         f"421 4.4.2 {FQDN} Timeout waiting for client input")
+        self.assertEqual(self.harness.reactor.seconds() - start, 300)
+
     def test_unexpected_error_answers_451(self) -> None:
         """An exception in a handler is logged and answered 451 4.3.0; the session goes on."""
         self.session.verbs["NOOP"] = lambda args: 1 / 0
@@ -466,13 +485,31 @@ class DataTests(SessionTestCase):
                                                               data=timedelta(seconds=60)))))
         self.send(ENVELOPE + b"DATA\r\n")
         self.harness.reactor.advance(45)
-        self.send(b"Subject: x\r\n")
+        self.send(b"Subject: x\r\n\r\n" + b"y" * 1024)  # 1 KiB restarts the timer
         self.harness.reactor.advance(59)
         self.assertFalse(self.transport.disconnecting)
         self.transport.clear()
         self.harness.reactor.advance(1)
         self.assertEqual(reply_lines(self.transport.value()),
                          [f"421 4.4.2 {FQDN} Timeout waiting for client input"])
+        self.assertEqual(self.harness.spool.aborted, ["Q000001"])
+
+    def test_data_trickle_cut_by_the_data_timeout(self) -> None:
+        """
+        Message data a few bytes at a time (slowloris) does not restart the
+        data timeout: under 1 KiB within timeouts.data is a timeout.
+        """
+        self.connect(Harness(make_connector(timeouts=Timeouts(command=timedelta(seconds=30),
+                                                              data=timedelta(seconds=60)))))
+        self.send(ENVELOPE + b"DATA\r\n")
+        for _ in range(59):
+            self.harness.reactor.advance(1)
+            self.send(b"x\r\n")
+        self.assertFalse(self.transport.disconnecting)
+        self.harness.reactor.advance(1)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(reply_lines(self.transport.value())[-1],
+                         f"421 4.4.2 {FQDN} Timeout waiting for client input")
         self.assertEqual(self.harness.spool.aborted, ["Q000001"])
 
     def test_lost_connection_aborts(self) -> None:

@@ -13,6 +13,11 @@ resets the count; the reply that would be the tenth error in a row is
 replaced by 421 4.7.0 and the connection closes.  Replies that close the
 connection anyway (421s, 500 5.5.2 for a long line) are sent as they are.
 
+Timeouts bound a stalling client, not only a silent one: the command
+timeout restarts only when a whole command line arrives, the data timeout
+with every 1 KiB of message data, so a client trickling a byte a second
+(slowloris) is cut with 421 4.4.2 like a silent one.
+
 Other decisions: STARTTLS needs a greeting first and resets HELO, envelope and
 user; a refused BDAT chunk is still read (its size is known) and ends the
 transaction (RFC 3030 section 4.2); BDAT data is checked for bare CR/LF
@@ -63,6 +68,9 @@ MAX_BAD_COMMANDS = 10
 #: Input held while a command waits (AUTH check, recipient lookup) before
 #: the transport is paused.
 _MAX_PENDING = 256 * 1024
+#: Message octets that restart the data timeout: a client trickling less
+#: than this per timeout (slowloris) is cut; any real client sends more.
+_DATA_PROGRESS = 1024
 
 Handler = Callable[[str], "Reply | Deferred[Reply] | None"]
 
@@ -114,6 +122,7 @@ class Session(Protocol, TimeoutMixin):
         self._closing = False
         self._lost = False
         self._discard_rest = False
+        self._raw_octets = 0
         self._counter: ConnectionCounter | None = None
         self._waiting = False
         self._pending = b""
@@ -244,7 +253,8 @@ class Session(Protocol, TimeoutMixin):
     def dataReceived(self, data: bytes) -> None:
         if self._closing or self._mode == "closed":
             return
-        self.resetTimeout()  # type: ignore[no-untyped-call]
+        # No timer restart per chunk (slowloris): a whole command line, or
+        # each _DATA_PROGRESS octets of a message, restarts it.
         if self._waiting:
             # PIPELINING order: later input waits for the pending answer.
             self._pending += data
@@ -258,6 +268,11 @@ class Session(Protocol, TimeoutMixin):
         self._dispatching = True
         try:
             while data and not self._closing and not self._waiting:
+                if self._mode != "command":
+                    self._raw_octets += len(data)
+                    if self._raw_octets >= _DATA_PROGRESS:
+                        self._raw_octets = 0
+                        self.resetTimeout()  # type: ignore[no-untyped-call]
                 if self._mode == "data":
                     data = self._data.data_received(data)
                 elif self._mode == "bdat":
@@ -314,8 +329,13 @@ class Session(Protocol, TimeoutMixin):
         buf = self._buf + data if self._buf else data
         self._buf = b""
         pos = 0
+        whole = False
         while True:
             nl = buf.find(b"\n", pos)
+            if nl >= 0 and not whole:
+                # A whole line (once per chunk): the client is not stalling.
+                whole = True
+                self.resetTimeout()  # type: ignore[no-untyped-call]
             if nl < 0:
                 rest = buf[pos:]
                 if len(rest) > MAX_LINE + 1 or (len(rest) == MAX_LINE + 1 and rest[-1:] != b"\r"):
@@ -433,6 +453,7 @@ class Session(Protocol, TimeoutMixin):
 
     def raw_mode(self, mode: str) -> None:
         self._mode = mode
+        self._raw_octets = 0
         self._set_timeout(seconds(self.state.c.timeouts.data.total_seconds()))
 
     def stop_idle_timeout(self) -> None:
