@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -69,6 +70,21 @@ def _top(raw: Path, top: int) -> str:
     return "\n".join(lines)
 
 
+def _syscalls(summary: Path, messages: int, top: int) -> str:
+    """strace -c's table as calls per message, most frequent first."""
+    rows = []
+    for line in summary.read_text().splitlines():
+        fields = line.split()
+        # % time, seconds, usecs/call, calls, [errors], syscall
+        if len(fields) >= 5 and fields[0][0].isdigit() and fields[-1] != "total":
+            rows.append((int(fields[3]), fields[-1]))
+    rows.sort(reverse=True)
+    total = sum(calls for calls, _ in rows)
+    lines = [f"  {total / max(1, messages):.1f} system calls per message"]
+    lines += [f"  {calls / max(1, messages):7.2f}  {name}" for calls, name in rows[:top]]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=1)
@@ -76,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=10)
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--syscalls", action="store_true",
+                        help="count system calls per message per process (strace -c), no profile")
     parser.add_argument("--cpu-only", action="store_true",
                         help="no py-spy: only each process's CPU per message")
     parser.add_argument("--gil", action="store_true",
@@ -110,13 +128,22 @@ def main(argv: list[str] | None = None) -> int:
         cpu0 = {pid: _cpu(pid) for pid in pids}
         for pid in [] if args.cpu_only else pids:
             out = root / f"{pid}.raw"
+            if args.syscalls:
+                # Every thread of the process; stopped with SIGINT after the period.
+                tracer = [shutil.which("strace") or "strace", "-c", "-f", "-o", str(out),
+                          "-p", str(pid)]
+            else:
+                tracer = [spy, "record", "-p", str(pid), "-d", str(int(args.seconds)), "-r", "250",
+                          "-f", "raw", "-o", str(out), "--nonblocking",
+                          *(["--gil"] if args.gil else [])]
             spies[pid] = (out, subprocess.Popen(
-                [spy, "record", "-p", str(pid), "-d", str(int(args.seconds)), "-r", "250",
-                 "-f", "raw", "-o", str(out), "--nonblocking", *(["--gil"] if args.gil else [])],
-                stdout=subprocess.DEVNULL, stderr=open(root / f"{pid}.err", "w")))
+                tracer, stdout=subprocess.DEVNULL, stderr=open(root / f"{pid}.err", "w")))
         names = {pid: _name(pid) for pid in pids}
-        if args.cpu_only:
+        if args.cpu_only or args.syscalls:
             time.sleep(args.seconds)
+        if args.syscalls:
+            for _, proc in spies.values():
+                proc.send_signal(signal.SIGINT)
         for _, proc in spies.values():
             proc.wait(timeout=args.seconds + 30)
         delivered = sink.count() - before
@@ -130,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
             per = 1000 * cpu[pid] / max(1, delivered)
             print(f"\n{names[pid]} (pid {pid}): {per:.2f} ms CPU per message")
             out = root / f"{pid}.raw"
-            if out.exists():
+            if out.exists() and args.syscalls:
+                print(_syscalls(out, delivered, args.top))
+            elif out.exists():
                 print(_top(out, args.top))
             elif not args.cpu_only:
                 print(f"  no profile: {(root / f'{pid}.err').read_text()[-300:]}")

@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 
 from relaygw._types import IServeReactor
 from relaygw.events import forward_to_parent
+from relaygw.polling import make_lean
 from relaygw.runner import PEER_MARK, BatchedOutput
 
 __all__ = ["main"]
@@ -48,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from twisted.internet import task
 
     def start(reactor: IServeReactor) -> Deferred[None]:
+        make_lean(reactor)
         out.attach(cast(IReactorFromThreads, reactor))
         return Deferred.fromCoroutine(_serve(reactor, args.config, tuple(args.fd), out))
 

@@ -63,6 +63,7 @@ from relaygw.config._model import Config, Queue
 from relaygw.errors import ConfigError
 from relaygw.events import forward_to_parent, republish
 from relaygw.interfaces import IDeliveryTarget, IProtocolLog, IRouter, ISpool
+from relaygw.polling import make_lean
 from relaygw.spool.ids import is_queue_id
 
 if TYPE_CHECKING:
@@ -575,6 +576,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         lock = SpoolLock.acquire(config.gateway.spool_dir, wait=True)
 
     def start(reactor: IServeReactor) -> Deferred[None]:
+        make_lean(reactor)
         out.attach(cast(IReactorFromThreads, reactor))
         # A terminal's Ctrl-C reaches the whole process group; the gateway
         # stops this process by closing its stdin, after its own sessions.

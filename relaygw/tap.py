@@ -70,10 +70,11 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     from relaygw._types import IServeReactor
+    from relaygw.polling import make_lean
     from relaygw.service import RelayGatewayService
-
     from relaygw.workers import default_workers
 
+    make_lean(reactor)
     config = options.config
     return RelayGatewayService(
         config,

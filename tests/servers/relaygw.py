@@ -81,6 +81,7 @@ class RelaygwProcess:
     @param config: TOML text, or C{None} for the embedded default (no C{-c}).
     @param ports: loopback ports that must accept connections before
         L{start} returns.
+    @param prefix: a command twistd runs under (valgrind, for one).
     """
 
     def __init__(
@@ -91,8 +92,10 @@ class RelaygwProcess:
         ports: Sequence[int] = (),
         host: str = "127.0.0.1",
         extra_args: Sequence[str] = (),
+        prefix: Sequence[str] = (),
     ) -> None:
         self.workdir = Path(workdir)
+        self.prefix = tuple(prefix)
         self.config = config
         self.ports = tuple(ports)
         self.host = host
@@ -113,7 +116,7 @@ class RelaygwProcess:
 
     def args(self) -> list[str]:
         """The command line."""
-        args = [str(TWISTD), "-n", "--pidfile=", "relaygw"]
+        args = [*self.prefix, str(TWISTD), "-n", "--pidfile=", "relaygw"]
         if self.config_path is not None:
             args += ["-c", str(self.config_path)]
         return args + list(self.extra_args)
