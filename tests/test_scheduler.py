@@ -363,13 +363,19 @@ class SchedulerTests(Harness):
         self.assertEqual([c[0] for c in self.local.calls], ["B", "A"])
 
     def test_processing_error_keeps_message(self) -> None:
-        """An exception while finishing an attempt keeps the entry and schedules it again."""
+        """
+        A spool that cannot record an attempt (OSError: a full disk) keeps
+        the entry and schedules it again; one error line, no traceback.
+        """
         self.local.script = {"a@local.test": [LATER, OK]}
         self.spool.fail_updates = 1
         s = self.scheduler()
         self.submit(s, envelope("A", "a@local.test"))
         self.clock.advance(0)
-        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertEqual(self.flushLoggedErrors(OSError), [])
+        [logged] = [e for e in self.events if "not recorded" in e.get("log_format", "")]
+        self.assertEqual((logged["queue_id"], logged["log_level"].name), ("A", "error"))
+        self.assertNotIn("log_failure", logged)
         self.assertIn("A", self.spool.entries)
         self.assertEqual(s.next_attempt("A"), T0 + 60)
         self.clock.advance(60)

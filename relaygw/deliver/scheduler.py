@@ -346,6 +346,13 @@ class Scheduler:
             if not isinstance(loaded, Envelope):
                 raise TypeError(f"spool returned {type(loaded).__name__}")
             await self._deliver(loaded)
+        except OSError as e:
+            # The spool's file system (full, read-only): an operator's
+            # matter, not a bug; one line, no traceback.
+            self._log.error("Delivery of {queue_id} not recorded ({error}); keeping it",
+                            queue_id=queue_id, error=str(e))
+            retry = self._clock.seconds() + self._queue.retry_delay(1).total_seconds()
+            self._schedule(queue_id, retry)
         except Exception:
             self._log.failure("Delivery of {queue_id} failed; keeping it", queue_id=queue_id)
             retry = self._clock.seconds() + self._queue.retry_delay(1).total_seconds()

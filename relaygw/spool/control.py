@@ -135,7 +135,8 @@ class SpoolLock:
         @param wait: block until it is free; else give up at once.
         @return: the held lock; C{None} when C{wait} is false and another
             process holds it.
-        @raise OSError: the control directory or lock file cannot be made.
+        @raise OSError: the control directory or lock file cannot be made
+            (writing the pid is best effort).
         """
         path = _control_dir(root) / _LOCK
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -147,8 +148,13 @@ class SpoolLock:
         except BaseException:
             os.close(fd)
             raise
-        os.ftruncate(fd, 0)
-        write_all(fd, b"%d\n" % os.getpid())
+        try:
+            os.ftruncate(fd, 0)
+            write_all(fd, b"%d\n" % os.getpid())
+        except OSError:
+            # The pid is for messages only (lock_holder): a full spool must
+            # not stop the delivery process, the one that frees space.
+            pass
         return cls(fd)
 
     def release(self) -> None:

@@ -97,3 +97,48 @@ class DelayingProxy:
             thread.join(max(0.0, deadline - time.monotonic()))
         for s in sockets:
             s.close()
+
+
+class BlackHole:
+    """
+    Listen on C{127.0.0.1:<free port>}, accept every connection, read and
+    discard what it is sent, and never answer: a directory server that hangs.
+
+    @ivar accepted: how many connections it accepted so far.
+    """
+
+    def __init__(self) -> None:
+        self._stopping = threading.Event()
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(64)
+        self._listener.settimeout(0.1)
+        self.port: int = self._listener.getsockname()[1]
+        self.accepted = 0
+        self._sockets: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except (socket.timeout, OSError):
+                pass
+            else:
+                client.setblocking(False)
+                self._sockets.append(client)
+                self.accepted += 1
+            for s in list(self._sockets):
+                try:
+                    s.recv(65536)  # discard; an empty read (closed) just stays
+                except (BlockingIOError, OSError):
+                    pass
+
+    def stop(self) -> None:
+        """Close the listener and every accepted connection; join the thread."""
+        self._stopping.set()
+        self._thread.join(10)
+        self._listener.close()
+        for s in self._sockets:
+            s.close()
