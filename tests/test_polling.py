@@ -94,3 +94,45 @@ class _Factory:
 
     def buildProtocol(self, addr: object) -> Protocol:
         return self._protocol
+
+
+class _Server(Protocol):
+    pass
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_write_now(tls: bool) -> None:
+    """Plain TCP: the peer has the bytes before the reactor runs again; a TLS
+    connection's writes still go through its transport (never around TLS)."""
+    from twisted.internet.protocol import ServerFactory
+
+    from relaygw.polling import write_now
+
+    reactor = EPollReactor()
+    make_lean(reactor)
+    factory = ServerFactory.forProtocol(_Server)
+    servers: list[Protocol] = []
+    build = factory.buildProtocol
+    factory.buildProtocol = lambda addr: servers.append(build(addr)) or servers[-1]  # type: ignore[method-assign,func-returns-value]
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
+    try:
+        _spin(reactor, lambda: bool(servers) and servers[0].transport is not None)
+        transport = servers[0].transport
+        written: list[bytes] = []
+        if tls:
+            transport.TLS = True  # type: ignore[union-attr]
+            transport.write = written.append  # type: ignore[union-attr,method-assign]
+        write_now(transport, b"220 ready\r\n")  # type: ignore[arg-type]
+        if tls:
+            assert written == [b"220 ready\r\n"]
+            client.settimeout(0.2)
+            with pytest.raises(socket.timeout):
+                client.recv(100)
+        else:
+            assert client.recv(100) == b"220 ready\r\n"
+            assert not transport.dataBuffer and not transport._tempDataBuffer  # type: ignore[union-attr]
+    finally:
+        client.close()
+        port.stopListening()
+        reactor.removeAll()

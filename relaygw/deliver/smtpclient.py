@@ -83,6 +83,7 @@ from relaygw.deliver.tlspolicy import (
     verified_tls_options,
 )
 from relaygw.interfaces import IProtocolLog, IProtocolLogSession
+from relaygw.polling import write_now
 from relaygw.replies import Reply
 from relaygw.spool.envelope import Outcome
 
@@ -354,7 +355,7 @@ class RelayClient(smtp.ESMTPClient):  # type: ignore[misc]
     def sendLine(self, line: bytes) -> None:
         if self._plog is not None:
             self._plog.row(">", self._shown(line))
-        super().sendLine(line)
+        write_now(self.transport, line + self.delimiter)
 
     def _shown(self, line: bytes) -> bytes | str:
         """A line sent, as the protocol log shows it: no secret, no data."""

@@ -49,6 +49,7 @@ from relaygw.events import MESSAGES
 from relaygw.auth.user import AuthenticatedUser
 from relaygw.config._model import Config, Connector
 from relaygw.interfaces import IConnectorSelector, IProtocolLogSession
+from relaygw.polling import write_now
 from relaygw.replies import Reply
 from relaygw.session._auth import AuthCommands
 from relaygw.session._commands import SessionCommands
@@ -439,7 +440,7 @@ class Session(Protocol, TimeoutMixin):
 
     def _flush(self) -> None:
         if self._out and not self._lost and self.transport is not None:
-            self.transport.write(b"".join(self._out))
+            write_now(self.transport, b"".join(self._out))
         self._out.clear()
         if self._closing and self._mode != "closed" and not self._lost and self.transport:
             self._mode = "closed"
