@@ -13,18 +13,35 @@ every one of them, as Exchange keeps them in its tracking log only.
 Across processes: a child (receiving worker, delivery process) forwards its
 per-message events into its own log stream, marked C{message_event}
 (L{forward_to_parent}); the gateway re-publishes marked events to its
-L{MESSAGES} again (L{republish}).
+L{MESSAGES} again (L{republish}).  A child writes its events with
+L{child_log_observer}: Twisted's JSON form, built cheaply for the plain
+events that are nearly all of them.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
-from typing import Any
+from typing import IO, Any
 
-from twisted.logger import ILogObserver, LogPublisher, globalLogPublisher
+from twisted.logger import (
+    FileLogObserver,
+    ILogObserver,
+    LogLevel,
+    LogPublisher,
+    eventAsJSON,
+    globalLogPublisher,
+)
 from zope.interface import implementer
 
-__all__ = ["MESSAGES", "TwistdCopy", "forward_to_parent", "is_copy", "republish"]
+__all__ = [
+    "MESSAGES",
+    "TwistdCopy",
+    "child_log_observer",
+    "forward_to_parent",
+    "is_copy",
+    "republish",
+]
 
 #: Where the per-message events are published (see the module's text).
 MESSAGES = LogPublisher()
@@ -70,3 +87,37 @@ class TwistdCopy:
 def is_copy(event: Mapping[str, Any]) -> bool:
     """Whether C{event} is L{TwistdCopy}'s copy (observers of both streams skip it)."""
     return bool(event.get(_COPY))
+
+
+#: How L{twisted.logger.eventAsJSON} writes each level (eventFromJSON reads it back).
+_LEVELS = {
+    level: json.loads(eventAsJSON({"log_level": level}))["log_level"]
+    for level in LogLevel.iterconstants()
+}
+#: Fields a child's event loses on the way (eventAsJSON writes them as
+#: "unpersistable"; the text is rendered from log_format and the fields).
+_DROPPED = ("log_logger", "log_source", "log_flattened", "log_level")
+
+
+def _as_json(event: Mapping[str, Any]) -> str:
+    """
+    L{eventAsJSON}'s result for an event of plain fields, without its
+    flattening and per-object fallbacks (about 8 % of the delivery process's
+    time under load); anything else (a failure, bytes, objects) goes
+    through L{eventAsJSON} itself.
+    """
+    if "log_failure" not in event:
+        fields = {k: v for k, v in event.items() if k not in _DROPPED}
+        level = _LEVELS.get(event.get("log_level"))  # type: ignore[arg-type]
+        if level is not None:
+            fields["log_level"] = level
+        try:
+            return json.dumps(fields, skipkeys=True)
+        except (TypeError, ValueError):
+            pass
+    return eventAsJSON(dict(event))
+
+
+def child_log_observer(out: IO[str]) -> FileLogObserver:
+    """A child process's log to the gateway: JSON text sequence records, as L{twisted.logger.jsonFileLogObserver}."""
+    return FileLogObserver(out, lambda event: f"\x1e{_as_json(event)}\n")

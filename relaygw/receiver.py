@@ -16,12 +16,12 @@ from typing import TextIO, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads
-from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
+from twisted.logger import Logger, globalLogBeginner
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 
 from relaygw._types import IServeReactor
-from relaygw.events import forward_to_parent
+from relaygw.events import child_log_observer, forward_to_parent
 from relaygw.polling import make_lean
 from relaygw.runner import PEER_MARK, BatchedOutput
 
@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--fd", type=int, action="append", default=[])
     args = parser.parse_args(argv)
     out = BatchedOutput(sys.stdout)
-    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(cast(TextIO, out))],
+    globalLogBeginner.beginLoggingTo([child_log_observer(cast(TextIO, out))],
                                      redirectStandardIO=False)
     forward_to_parent()
 

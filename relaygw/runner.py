@@ -52,7 +52,6 @@ from twisted.logger import (
     eventFromJSON,
     globalLogBeginner,
     globalLogPublisher,
-    jsonFileLogObserver,
 )
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
@@ -61,7 +60,7 @@ import relaygw
 from relaygw._types import IServeReactor
 from relaygw.config._model import Config, Queue
 from relaygw.errors import ConfigError
-from relaygw.events import forward_to_parent, republish
+from relaygw.events import child_log_observer, forward_to_parent, republish
 from relaygw.interfaces import IDeliveryTarget, IProtocolLog, IRouter, ISpool
 from relaygw.polling import make_lean
 from relaygw.spool.ids import is_queue_id
@@ -301,7 +300,7 @@ class ChildProtocol(ProcessProtocol):
         self._err = b""
 
     def outReceived(self, data: bytes) -> None:
-        # jsonFileLogObserver writes "\x1e" + JSON + "\n": a record is
+        # child_log_observer writes "\x1e" + JSON + "\n": a record is
         # complete at its line end (JSON text has no raw newline), not when
         # the next record starts.
         self._out += data
@@ -551,7 +550,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     os.nice(DELIVERY_NICENESS)
     out = BatchedOutput(sys.stdout)
     globalLogBeginner.beginLoggingTo(
-        [jsonFileLogObserver(cast(TextIO, out))], redirectStandardIO=False
+        [child_log_observer(cast(TextIO, out))], redirectStandardIO=False
     )
     forward_to_parent()
 

@@ -84,3 +84,46 @@ def test_log_messages_key() -> None:
     assert load_text(base, "t.toml", Path(".")).gateway.log_messages is False
     on = load_text(base + "log_messages = true\n", "t.toml", Path("."))
     assert on.gateway.log_messages is True
+
+
+def _plain_event() -> dict[str, object]:
+    from twisted.logger import LogLevel, Logger
+
+    return {
+        "log_format": "message {queue_id} queued from {peer}", "log_level": LogLevel.info,
+        "log_namespace": "relaygw.session", "log_time": 1700000000.5, "log_logger": Logger(),
+        "log_source": object(), "queue_id": "q1", "peer": "127.0.0.1", "recipients": 2,
+        "event": "receive.queued", "message_event": True, "tags": ["a", "b"],
+    }
+
+
+def test_child_json_reads_back_as_twisteds() -> None:
+    """A child's record reads back, with eventFromJSON, as Twisted's own does."""
+    from twisted.logger import eventAsJSON, eventFromJSON, formatEvent
+
+    from relaygw.events import _as_json
+
+    ours = eventFromJSON(_as_json(_plain_event()))
+    theirs = eventFromJSON(eventAsJSON(_plain_event()))
+    assert ours["log_level"] is theirs["log_level"]
+    assert formatEvent(ours) == formatEvent(theirs) == "message q1 queued from 127.0.0.1"
+    for key in ("queue_id", "peer", "recipients", "event", "message_event", "tags", "log_time",
+                "log_namespace"):
+        assert ours[key] == theirs[key]
+
+
+def test_child_json_falls_back_to_twisteds() -> None:
+    """Bytes, objects and failures take eventAsJSON's own way (nothing raises, nothing is lost)."""
+    from twisted.logger import eventFromJSON
+    from twisted.python.failure import Failure
+
+    from relaygw.events import _as_json
+
+    event = dict(_plain_event(), data=b"\xff", when=object())
+    assert eventFromJSON(_as_json(event))["data"] == "\xff"
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        failed = dict(_plain_event(), log_failure=Failure())
+    restored = eventFromJSON(_as_json(failed))
+    assert restored["log_failure"].check(ZeroDivisionError)
