@@ -69,3 +69,10 @@ def test_make_service_builds_gateway_without_starting() -> None:
     assert verifyObject(IService, service)
     assert service.config is options.config
     assert not service.running
+
+
+def test_default_workers_leave_a_core_for_delivery() -> None:
+    from relaygw.workers import default_workers
+
+    assert [default_workers(n) for n in (1, 2, 4, 16)] == [1, 1, 3, 15]
+    assert default_workers() >= 1

@@ -305,7 +305,7 @@ class Gateway:
     #: C{/health} fails when the oldest queued message is older; C{None}:
     #: half of C{[queue].expire}; zero: the queue check never fails it.
     health_queue_age: timedelta | None = None
-    #: Receiving processes (L{relaygw.workers}); 0: one per core.
+    #: Receiving processes (L{relaygw.workers}); 0: one fewer than the cores, at least one.
     workers: int = 0
     #: Also write a line per message, session and delivery to twistd's log
     #: (the tracking log has them anyway; L{relaygw.events}).
