@@ -4,7 +4,9 @@ C{dnsmasq-base}; recipe in the shared notes, test-servers.md section 3).
 
 It answers only for C{.test} (C{--local=/test/}), never recurses, and keeps
 no state.  Names outside C{.test} get REFUSED; C{timeout.test} is forwarded
-to a UDP socket of ours that never answers, so its queries time out.
+to a UDP socket of ours that never answers, so its queries time out, and
+C{servfail.test} to one that answers every query SERVFAIL, which dnsmasq
+passes on.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -65,6 +68,39 @@ def _free_udp_port() -> int:
         return port
 
 
+class _Servfail:
+    """A UDP socket on loopback that answers every DNS query SERVFAIL (a thread)."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.settimeout(0.2)
+        self.port: int = self._sock.getsockname()[1]
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                data, peer = self._sock.recvfrom(4096)
+                message = dns.Message()
+                message.fromStr(data)
+            except (OSError, EOFError, ValueError):
+                continue
+            message.answer, message.rCode = 1, dns.ESERVER
+            message.answers, message.authority, message.additional = [], [], []
+            try:
+                self._sock.sendto(message.toStr(), peer)
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(5)
+        self._sock.close()
+
+
 class Dnsmasq:
     """
     One dnsmasq on C{127.0.0.1:port}, started and stopped by PID.
@@ -82,6 +118,7 @@ class Dnsmasq:
         # Held open, never read: dnsmasq's forwarded timeout.test queries die here.
         self._blackhole = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._blackhole.bind(("127.0.0.1", 0))
+        self._servfail: _Servfail | None = None
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 5.0) -> Dnsmasq:
@@ -90,12 +127,14 @@ class Dnsmasq:
             raise RuntimeError(DNSMASQ_MISSING)
         self.workdir.mkdir(parents=True, exist_ok=True)
         blackhole = self._blackhole.getsockname()[1]
+        self._servfail = _Servfail()
         args = [
             binary, "-k", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
             "--listen-address=127.0.0.1", "--bind-interfaces", f"--port={self.port}",
             f"--pid-file={self.workdir / 'dnsmasq.pid'}",
             f"--log-facility={self.workdir / 'dnsmasq.log'}",
             "--local=/test/", f"--server=/timeout.test/127.0.0.1#{blackhole}",
+            f"--server=/servfail.test/127.0.0.1#{self._servfail.port}",
         ] + (["--user=root"] if os.geteuid() == 0 else []) + [
             f"--{key}={value}" for key, value in RECORDS + self.extra
         ]  # fmt: skip
@@ -131,3 +170,5 @@ class Dnsmasq:
             if self._proc.stderr:
                 self._proc.stderr.close()
         self._blackhole.close()
+        if self._servfail is not None:
+            self._servfail.stop()
