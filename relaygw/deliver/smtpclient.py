@@ -74,6 +74,7 @@ from relaygw.deliver._transaction import (
     TransactionResult,
     check_tls_mode,
 )
+from relaygw.deliver._stuffing import DataEncoder
 from relaygw.deliver.tlspolicy import (
     SYSTEM_TRUST,
     load_ca_file,
@@ -217,8 +218,7 @@ class RelayClient(smtp.ESMTPClient):  # type: ignore[misc]
         self._stage = "mail"
         self._mail_sent = False
         self._error: Outcome | None = None
-        self._line_start = True
-        self._pending_cr = False
+        self._encoder = DataEncoder()
         self.toAddressesResult: list[tuple[str, int, bytes]] = []
         self.successAddresses: list[str] = []
         self.lastAddress = None
@@ -777,24 +777,14 @@ class RelayClient(smtp.ESMTPClient):  # type: ignore[misc]
         """Unused: L{smtpState_msgSent} reports the transaction."""
 
     def transformChunk(self, chunk: bytes) -> bytes:
-        """CRLF line ends and dot-stuffing (RFC 5321 4.5.2), across chunk edges."""
+        """CRLF line ends and dot-stuffing that no receiver misreads (L{DataEncoder})."""
         self.resetTimeout()
-        data = (b"\r" + chunk) if self._pending_cr else chunk
-        self._pending_cr = data.endswith(b"\r")
-        if self._pending_cr:
-            data = data[:-1]
-        data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-        if self._line_start and data.startswith(b"."):
-            data = b"." + data
-        data = data.replace(b"\n.", b"\n..")
-        if data:
-            self._line_start = data.endswith(b"\n")
-        return data
+        return self._encoder.feed(chunk)
 
     def finishedFileTransfer(self, lastsent: bytes) -> None:
         if self._plog is not None:
             self._plog.row("*", f"{self._message.size} octets", "message data sent")
-        ending = b"" if self._line_start and not self._pending_cr else b"\r\n"
+        ending = self._encoder.close()
         self.sendLine(ending + b".")
         self.setTimeout(self._timeouts.data_done)
 
