@@ -30,6 +30,7 @@ from twisted.logger import (
     LogLevel,
     LogPublisher,
     eventAsJSON,
+    eventFromJSON,
     globalLogPublisher,
 )
 from zope.interface import implementer
@@ -38,6 +39,7 @@ __all__ = [
     "MESSAGES",
     "TwistdCopy",
     "child_log_observer",
+    "event_from_child",
     "forward_to_parent",
     "is_copy",
     "republish",
@@ -116,6 +118,27 @@ def _as_json(event: Mapping[str, Any]) -> str:
         except (TypeError, ValueError):
             pass
     return eventAsJSON(dict(event))
+
+
+_LEVEL_OF = {json.dumps(form, sort_keys=True): level for level, form in _LEVELS.items()}
+
+
+def event_from_child(record: bytes) -> dict[str, Any]:
+    """
+    A child's record (L{child_log_observer}) as an event: L{eventFromJSON}'s
+    result, reading plain records without its per-object hook.
+
+    @raise ValueError: the record is not JSON, or not an event.
+    """
+    event = json.loads(record)
+    if not isinstance(event, dict):
+        raise ValueError("a log record must be a JSON object")
+    level = event.get("log_level")
+    if "log_failure" in event or (level is not None and not isinstance(level, dict)):
+        return eventFromJSON(record.decode("utf-8"))
+    if level is not None:
+        event["log_level"] = _LEVEL_OF.get(json.dumps(level, sort_keys=True))
+    return event
 
 
 def child_log_observer(out: IO[str]) -> FileLogObserver:

@@ -49,7 +49,6 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import (
     ILogObserver,
     Logger,
-    eventFromJSON,
     globalLogBeginner,
     globalLogPublisher,
 )
@@ -60,7 +59,7 @@ import relaygw
 from relaygw._types import IServeReactor
 from relaygw.config._model import Config, Queue
 from relaygw.errors import ConfigError
-from relaygw.events import child_log_observer, forward_to_parent, republish
+from relaygw.events import child_log_observer, event_from_child, forward_to_parent, republish
 from relaygw.interfaces import IDeliveryTarget, IProtocolLog, IRouter, ISpool
 from relaygw.polling import make_lean
 from relaygw.spool.ids import is_queue_id
@@ -398,7 +397,7 @@ class DeliveryProcess(Service):
 
     def _republish(self, record: bytes) -> None:
         try:
-            event = eventFromJSON(record.decode("utf-8"))
+            event = event_from_child(record)
         except ValueError:
             self._log.warn("delivery process wrote an unreadable log record")
             return

@@ -37,11 +37,11 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IReactorProcess
-from twisted.logger import ILogObserver, Logger, eventFromJSON, globalLogPublisher
+from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from twisted.python.failure import Failure
 
 from relaygw._types import IServeReactor
-from relaygw.events import republish
+from relaygw.events import event_from_child, republish
 from relaygw.runner import ChildProtocol, child_environment
 from relaygw.session.peers import PeerLimits
 
@@ -220,7 +220,7 @@ class ReceiveWorkers(Service):
 
     def _republish(self, record: bytes) -> None:
         try:
-            event = eventFromJSON(record.decode("utf-8"))
+            event = event_from_child(record)
         except ValueError:
             self._log.warn("a receiving worker wrote an unreadable log record")
             return

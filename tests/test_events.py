@@ -101,9 +101,9 @@ def test_child_json_reads_back_as_twisteds() -> None:
     """A child's record reads back, with eventFromJSON, as Twisted's own does."""
     from twisted.logger import eventAsJSON, eventFromJSON, formatEvent
 
-    from relaygw.events import _as_json
+    from relaygw.events import _as_json, event_from_child
 
-    ours = eventFromJSON(_as_json(_plain_event()))
+    ours = event_from_child(_as_json(_plain_event()).encode())
     theirs = eventFromJSON(eventAsJSON(_plain_event()))
     assert ours["log_level"] is theirs["log_level"]
     assert formatEvent(ours) == formatEvent(theirs) == "message q1 queued from 127.0.0.1"
@@ -114,16 +114,26 @@ def test_child_json_reads_back_as_twisteds() -> None:
 
 def test_child_json_falls_back_to_twisteds() -> None:
     """Bytes, objects and failures take eventAsJSON's own way (nothing raises, nothing is lost)."""
-    from twisted.logger import eventFromJSON
     from twisted.python.failure import Failure
 
-    from relaygw.events import _as_json
+    from relaygw.events import _as_json, event_from_child
 
     event = dict(_plain_event(), data=b"\xff", when=object())
-    assert eventFromJSON(_as_json(event))["data"] == "\xff"
+    assert event_from_child(_as_json(event).encode())["data"] == "\xff"
     try:
         1 / 0
     except ZeroDivisionError:
         failed = dict(_plain_event(), log_failure=Failure())
-    restored = eventFromJSON(_as_json(failed))
+    restored = event_from_child(_as_json(failed).encode())
     assert restored["log_failure"].check(ZeroDivisionError)
+    assert restored["log_level"] is failed["log_level"]
+
+
+def test_event_from_child_refuses_what_is_not_an_event() -> None:
+    import pytest
+
+    from relaygw.events import event_from_child
+
+    for record in (b"not json", b"[1, 2]", b"\xff\xfe"):
+        with pytest.raises(ValueError):
+            event_from_child(record)
