@@ -20,9 +20,9 @@ LENIENT_END = re.compile(rb"(?:\r\n|\r|\n)\x00*\.\x00*(?:\r\n|\r|\n)")
 _BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
 
-def encode(chunks: list[bytes]) -> bytes:
+def encode(chunks: list[bytes], crlf_lines: bool = False) -> bytes:
     """The DATA wire bytes for C{chunks}, final dot line included."""
-    encoder = DataEncoder()
+    encoder = DataEncoder(crlf_lines)
     return b"".join(encoder.feed(c) for c in chunks) + encoder.close() + b".\r\n"
 
 
@@ -86,3 +86,24 @@ class DataEncoderTests(SynchronousTestCase):
     def test_property(self, data: bytes, cuts: list[int]) -> None:
         """Random line ends, NULs and dots, cut anywhere: one end, same content."""
         self.check(data, cuts)
+
+    @settings(max_examples=300, deadline=None, derandomize=True)
+    @given(st.lists(st.sampled_from([b".", b"a", b"\r\n", b"\x00", b"M", b".."]), max_size=40)
+           .map(b"".join), st.lists(st.integers(min_value=0, max_value=64), max_size=6))
+    @example(b"a\r\n.b\r\n", [3])
+    @example(b"a\r\n.b\r\n", [2])
+    def test_crlf_lines_same_wire(self, data: bytes, cuts: list[int]) -> None:
+        """Data checked at receipt (CRLF only): the short way sends what the whole way does."""
+        chunks = split(data, cuts)
+        self.assertEqual(encode(chunks, crlf_lines=True), encode(chunks))
+
+    @settings(max_examples=300, deadline=None, derandomize=True)
+    @given(_OCTETS, st.lists(st.integers(min_value=0, max_value=64), max_size=6))
+    @example(b"x\r.\rMAIL", [0])
+    @example(b"x\r", [2])
+    def test_crlf_lines_broken_promise_never_ends_early(self, data: bytes, cuts: list[int]) -> None:
+        """Bare CR/LF despite the promise: the form may suffer, the end of data never comes early."""
+        wire = encode(split(data, cuts), crlf_lines=True)
+        first = LENIENT_END.search(b"\r\n" + wire)
+        assert first is not None
+        self.assertEqual(first.end(), len(wire) + 2, (data, wire))

@@ -11,6 +11,12 @@ as CRLF, bare CR and bare LF alike (section 2.3.8: they MUST NOT be sent),
 and stuffs every line whose first octet other than NUL is a dot.  Stuffing
 is transparent to an RFC receiver (it deletes the first dot of any line
 starting with one), and a receiver ignoring NULs sees C{..}, never C{.}.
+
+Data that the session checked for bare CR and LF (all but BINARYMIME) only
+needs its dot lines stuffed: L{DataEncoder} with C{crlf_lines} does just
+that for a chunk with no NUL, no C{CR.} and no CR at its end, and takes the
+whole way otherwise, so a wrong promise costs RFC form, never an early end
+(a third of the delivery process's time went to the whole way at 100 KiB).
 """
 
 from __future__ import annotations
@@ -36,12 +42,31 @@ class DataEncoder:
     mail has none).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, crlf_lines: bool = False) -> None:
+        """
+        @param crlf_lines: the data has CRLF line ends only (checked when
+            it was received).
+        """
         self._carry = b""
         self._line_start = True
+        self._crlf_lines = crlf_lines
 
     def feed(self, chunk: bytes) -> bytes:
         """The wire form of C{chunk}, minus what the next chunk decides."""
+        if (
+            self._crlf_lines
+            and not self._carry
+            and not chunk.endswith(b"\r")
+            and b"\x00" not in chunk
+            and b"\r." not in chunk
+        ):
+            # Line ends as they are: every dot that follows an LF is stuffed.
+            data = chunk.replace(b"\n.", b"\n..")
+            if self._line_start and data.startswith(b"."):
+                data = b"." + data
+            if data:
+                self._line_start = data.endswith(b"\n")
+            return data
         data = self._carry + chunk if self._carry else chunk
         self._carry = b""
         if data.endswith(b"\r"):

@@ -92,6 +92,8 @@ class OutboundMessage:
     @ivar eight_bit: send C{BODY=8BITMIME} when the host offers it.
     @ivar smtputf8: the message needs SMTPUTF8 (RFC 6531).
     @ivar size: the data's octets (for C{SIZE=}, RFC 1870); 0 when unknown.
+    @ivar crlf_lines: the data was checked for bare CR and LF when received
+        (all but BODY=BINARYMIME).
     """
 
     sender: str
@@ -100,6 +102,7 @@ class OutboundMessage:
     eight_bit: bool = False
     smtputf8: bool = False
     size: int = 0
+    crlf_lines: bool = False
 
     @classmethod
     def of(
@@ -113,6 +116,7 @@ class OutboundMessage:
             eight_bit=envelope.body != "7BIT",
             smtputf8=envelope.smtputf8,
             size=envelope.size,
+            crlf_lines=envelope.body != "BINARYMIME",
         )
 
 

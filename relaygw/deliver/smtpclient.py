@@ -222,7 +222,7 @@ class RelayClient(smtp.ESMTPClient):  # type: ignore[misc]
         self._stage = "mail"
         self._mail_sent = False
         self._error: Outcome | None = None
-        self._encoder = DataEncoder()
+        self._encoder = DataEncoder(message.crlf_lines)
         self.toAddressesResult: list[tuple[str, int, bytes]] = []
         self.successAddresses: list[str] = []
         self.lastAddress = None
