@@ -11,6 +11,17 @@ from relaygw.session.state import Conversation, SessionState
 __all__ = ["SessionCommands"]
 
 
+def _text(args: str) -> str:
+    """
+    The HELO/EHLO name as text that can be stored: bytes that were not
+    UTF-8 (lone surrogates from the line's decoding) become U+FFFD, or the
+    spool entry of every message of the session could not be written.
+    """
+    if args.isascii():
+        return args
+    return args.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 class SessionCommands:
     """Greeting, TLS and the commands that carry no mail."""
 
@@ -23,7 +34,7 @@ class SessionCommands:
         if not args:
             return replies.SYNTAX_ERROR
         s.reset_transaction()
-        s.helo, s.esmtp = args, False
+        s.helo, s.esmtp = _text(args), False
         return replies.helo(s.c.fqdn, s.client_ip)
 
     def do_EHLO(self, args: str) -> Reply:
@@ -31,7 +42,7 @@ class SessionCommands:
         if not args:
             return replies.SYNTAX_ERROR
         s.reset_transaction()
-        s.helo, s.esmtp = args, True
+        s.helo, s.esmtp = _text(args), True
         c = s.c
         keywords = [f"SIZE {c.max_message_size}", "PIPELINING", "8BITMIME",
                     "ENHANCEDSTATUSCODES", "SMTPUTF8"]
