@@ -130,6 +130,9 @@ def _address(arg: str) -> str:
 class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver's default backlog (5) left a gateway's extra concurrent
+    # connections waiting for a banner that never came.
+    request_queue_size = 128
 
     def __init__(self, host: str, port: int, rule: Rule, lenient: bool) -> None:
         super().__init__((host, port), _Handler)
