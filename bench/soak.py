@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -29,7 +30,8 @@ from tests.servers.soak import run_soak  # noqa: E402
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=30.0)
-    parser.add_argument("--clients", type=int, default=6, help="concurrent client threads")
+    parser.add_argument("--clients", type=int, default=3,
+                        help="concurrent client threads (3 keep delivery up with intake on 2 cores)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
@@ -37,10 +39,12 @@ def main() -> int:
     if problem:
         print(problem, file=sys.stderr)
         return 2
+    # SIGTERM unwinds like Ctrl-C, so the gateway and the downstream are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     workdir = Path(tempfile.mkdtemp(prefix="relaygw-soak-"))
     try:
         result = run_soak(workdir, args.minutes * 60, clients=args.clients, seed=args.seed,
-                          drain_timeout=300, log=lambda line: print(line, flush=True))
+                          drain_timeout=max(300.0, args.minutes * 60), log=lambda line: print(line, flush=True))
     finally:
         if args.keep:
             print(f"work directory kept: {workdir}")
