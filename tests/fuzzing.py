@@ -344,7 +344,9 @@ _SAMPLES = {
     "etc/relaygw.toml": (REPO / "etc" / "relaygw.toml").read_text(encoding="utf-8"),
     "default.toml": (REPO / "relaygw" / "config" / "default.toml").read_text(encoding="utf-8"),
 }
-_KEY_PATH = re.compile(r"^([^\s.\[\]]+|\[\d+\])(\.[^\s.\[\]]+|\[\d+\])*$")
+#: Bare keys, TOML-quoted keys (an unknown key may be any string) and indexes.
+_KEY = r'(?:[A-Za-z0-9_-]+|"(?:[^"\\]|\\.)*")'
+_KEY_PATH = re.compile(rf"^{_KEY}(?:\[\d+\])*(?:\.{_KEY}(?:\[\d+\])*)*$")
 
 _scalars = st.one_of(
     st.text(max_size=12),

@@ -42,6 +42,8 @@ class SessionFuzzTests(SynchronousTestCase):
 class ConfigFuzzTests(SynchronousTestCase):
     @settings(CI, max_examples=1500)
     @given(config_texts())
+    @example('"gateway" = {"." = ""}\n')
+    @example('"gateway" = {" " = ""}\n')
     def test_config_loader_properties(self, text: str) -> None:
         """
         Mutated samples and random documents: a configuration or a
@@ -61,3 +63,24 @@ class SmugglingFuzzTests(SynchronousTestCase):
         with 550 5.6.11 or one message holding the smuggled commands.
         """
         check_smuggling(case)
+
+
+class FoundByFuzzingTests(SynchronousTestCase):
+    def test_unknown_key_quoted_in_key_path(self) -> None:
+        """
+        An unknown key that is not a bare TOML key (".", " ", "") is quoted
+        in the key path, which stays unambiguous (bench/fuzz.py found
+        C{gateway..} and C{gateway. }).
+        """
+        from pathlib import Path
+
+        from relaygw.config._load import load_text
+        from relaygw.errors import ConfigError
+
+        for key, shown in [(".", '"."'), (" ", '" "'), ("", '""'), ("a\\nb", '"a\\nb"'),
+                           ("bogus", "bogus")]:
+            text = f'[gateway]\n"{key}" = 1\n'
+            with self.assertRaises(ConfigError) as caught:
+                load_text(text, "relaygw.toml", Path("/nonexistent"))
+            self.assertEqual(caught.exception.key_path, f"gateway.{shown}")
+            self.assertTrue(caught.exception.problem.startswith("unknown key"))

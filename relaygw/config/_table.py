@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import datetime
 import difflib
+import json
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -22,6 +24,8 @@ from relaygw.config._units import parse_duration, parse_size
 from relaygw.errors import ConfigError
 
 _T = TypeVar("_T")
+#: A TOML bare key; any other key is shown quoted in key paths.
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+\Z")
 _S = TypeVar("_S", bound=str)
 
 
@@ -88,7 +92,10 @@ class Table:
             if key not in self._keys:
                 close = difflib.get_close_matches(key, sorted(self._keys), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise self.error(key, f"unknown key{hint}")
+                # Any string may be a key: one that is not a bare key is shown
+                # quoted, as TOML writes it ("gateway." + "." is no key path).
+                shown = key if _BARE_KEY.match(key) else json.dumps(key, ensure_ascii=False)
+                raise self.error(shown, f"unknown key{hint}")
 
     def key_path(self, key: str) -> str:
         """The key path of C{key} in this table."""
