@@ -120,7 +120,7 @@ def _as_json(event: Mapping[str, Any]) -> str:
     return eventAsJSON(dict(event))
 
 
-_LEVEL_OF = {json.dumps(form, sort_keys=True): level for level, form in _LEVELS.items()}
+_LEVEL_NAMED = {level.name: level for level in _LEVELS}
 
 
 def event_from_child(record: bytes) -> dict[str, Any]:
@@ -137,7 +137,7 @@ def event_from_child(record: bytes) -> dict[str, Any]:
     if "log_failure" in event or (level is not None and not isinstance(level, dict)):
         return eventFromJSON(record.decode("utf-8"))
     if level is not None:
-        event["log_level"] = _LEVEL_OF.get(json.dumps(level, sort_keys=True))
+        event["log_level"] = _LEVEL_NAMED.get(level.get("name"))  # {"name": ..., "__class_uuid__": ...}
     return event
 
 

@@ -143,13 +143,18 @@ def module_sinks(module_workdir: Path) -> Iterator[Sinks]:
 
 
 def gateway_toml(
-    admin_port: int, *, hostname: str = "gw.e2e.test", default_route: str | None = None
+    admin_port: int,
+    *,
+    hostname: str = "gw.e2e.test",
+    default_route: str | None = None,
+    workers: int | None = None,
 ) -> str:
     """The C{[gateway]} and C{[queue]} sections the tests share (paths under the workdir)."""
     route = f'default_route = "{default_route}"\n' if default_route else ""
     return (
         "[gateway]\n"
-        f'hostname = "{hostname}"\n'
+        + (f"workers = {workers}\n" if workers is not None else "")
+        + f'hostname = "{hostname}"\n'
         'spool_dir = "var/spool"\n'
         'log_dir = "var/log"\n'
         f'admin_listen = "127.0.0.1:{admin_port}"\n'
@@ -157,6 +162,22 @@ def gateway_toml(
         "[queue]\n"
         'retry = ["1s", "2s"]\n\n'
     )
+
+
+def smarthost_relay(port: int, domain: str = "example.test") -> str:
+    """C{domain} (internal-relay) routed as C{downstream} to a smarthost on loopback C{port}."""
+    return f"""
+[[accepted_domains]]
+domain = "{domain}"
+type = "internal-relay"
+route = "downstream"
+
+[[routes]]
+name = "downstream"
+via = "smarthost"
+smarthosts = ["127.0.0.1:{port}"]
+tls = "off"
+"""
 
 
 #: example.test delivered to the Maildir var/mail (the routes most tests need).

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Launch, gateway_toml, smtp, spool_entries
+from tests.e2e.conftest import Launch, gateway_toml, smarthost_relay, smtp, spool_entries
 from tests.servers.dnsmasq import DNSMASQ_MISSING, Dnsmasq, dnsmasq_missing
 from tests.servers.ports import free_port, free_ports, wait_until
 from tests.servers.procs import delivery_pids
@@ -133,16 +133,7 @@ def test_spool_full_nothing_half_acknowledged(
     """
     port, admin, sink_port = free_ports(3)
     config = gateway_toml(admin) + f"""
-[[accepted_domains]]
-domain = "example.test"
-type = "internal-relay"
-route = "downstream"
-
-[[routes]]
-name = "downstream"
-via = "smarthost"
-smarthosts = ["127.0.0.1:{sink_port}"]
-tls = "off"
+{smarthost_relay(sink_port)}
 
 [[connectors]]
 name = "Devices"
@@ -242,7 +233,7 @@ def _directory_gateway(launch: Launch, workdir: Path, ldap_port: int) -> tuple[i
     gw_dir.mkdir(parents=True, exist_ok=True)
     (gw_dir / "ldap.secret").write_text(SERVICE_PASSWORD + "\n")
     os.chmod(gw_dir / "ldap.secret", 0o600)
-    config = gateway_toml(admin).replace("[gateway]\n", "[gateway]\nworkers = 1\n") + f"""
+    config = gateway_toml(admin, workers=1) + f"""
 [[accepted_domains]]
 domain = "example.test"
 route = "local"

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Launch, gateway_toml, spool_entries
+from tests.e2e.conftest import Launch, gateway_toml, smarthost_relay, spool_entries
 from tests.servers.ports import free_ports, wait_until
 from tests.servers.procstats import tree_fds, tree_rss_kib
 from tests.servers.relaygw import RelaygwProcess
@@ -54,19 +54,8 @@ IDLE_SOURCES = 500  # 20 connections each: the default max_connections_per_ip
 
 
 def _config(port: int, admin: int, relay: int, *, command: int, extra: str = "") -> str:
-    return gateway_toml(admin, hostname=FQDN).replace(
-        "[gateway]\n", "[gateway]\nworkers = 2\n"
-    ) + f"""
-[[accepted_domains]]
-domain = "example.test"
-type = "internal-relay"
-route = "downstream"
-
-[[routes]]
-name = "downstream"
-via = "smarthost"
-smarthosts = ["127.0.0.1:{relay}"]
-tls = "off"
+    return gateway_toml(admin, hostname=FQDN, workers=2) + f"""
+{smarthost_relay(relay)}
 
 [[connectors]]
 name = "Hostile"

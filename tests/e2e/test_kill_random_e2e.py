@@ -34,7 +34,7 @@ from pathlib import Path
 import attrs
 import pytest
 
-from tests.e2e.conftest import Launch, Sinks, gateway_toml
+from tests.e2e.conftest import Launch, Sinks, gateway_toml, smarthost_relay
 from tests.servers.ports import free_ports, wait_until
 from tests.servers.procs import child_pids, delivery_pids
 from tests.servers.relaygw import RelaygwProcess
@@ -50,18 +50,9 @@ SUBJECT = re.compile(rb"^Subject: (\S+)", re.M)
 
 
 def config(port: int, admin: int, sink: int) -> str:
-    """Two receiving processes (the default on two cores), relaying to the sink."""
-    return gateway_toml(admin).replace("[gateway]\n", "[gateway]\nworkers = 2\n") + f"""
-[[accepted_domains]]
-domain = "example.test"
-type = "internal-relay"
-route = "downstream"
-
-[[routes]]
-name = "downstream"
-via = "smarthost"
-smarthosts = ["127.0.0.1:{sink}"]
-tls = "off"
+    """Two receiving processes, relaying to the sink."""
+    return gateway_toml(admin, workers=2) + f"""
+{smarthost_relay(sink)}
 
 [[connectors]]
 name = "Devices"

@@ -87,7 +87,7 @@ def gateway(module_launch: Launch, module_workdir: Path) -> Iterator[Gateway]:
         port, admin = free_ports(2)
         # One receiving process: the login cache is each process's own, and
         # these tests time logins that must hit it.
-        config = gateway_toml(admin).replace("[gateway]\n", "[gateway]\nworkers = 1\n") + f"""
+        config = gateway_toml(admin, workers=1) + f"""
 [directory]
 kind = "ldap"
 servers = ["ldap://127.0.0.1:{proxy.port}"]

@@ -32,7 +32,7 @@ SESSIONS = 30
 
 
 def _config(port: int, admin: int, banner: str) -> str:
-    return gateway_toml(admin).replace("[gateway]\n", "[gateway]\nworkers = 3\n") + f"""
+    return gateway_toml(admin, workers=3) + f"""
 [[accepted_domains]]
 domain = "example.test"
 route = "local"

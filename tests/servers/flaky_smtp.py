@@ -21,6 +21,8 @@ from collections import Counter
 
 import attrs
 
+from tests.servers.threaded import ServedInThread
+
 __all__ = ["FaultRates", "FlakySMTP", "Delivery"]
 
 _ID = re.compile(rb"^Message-ID:\s*(<[^>\r\n]*>)", re.I | re.M)
@@ -167,26 +169,12 @@ class _Server(socketserver.ThreadingTCPServer):
             self.deliveries.append(Delivery(mid, sender, list(rcpts), data))
 
 
-class FlakySMTP:
+class FlakySMTP(ServedInThread):
     """Serve on C{host:port} (port 0: any) until L{stop}."""
 
     def __init__(self, rates: FaultRates = FaultRates(), *, seed: int = 0,
                  host: str = "127.0.0.1", port: int = 0) -> None:  # fmt: skip
-        self._server = _Server(host, port, rates, seed)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def port(self) -> int:
-        return int(self._server.server_address[1])
-
-    def start(self) -> FlakySMTP:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(10)
+        self._serve(_Server(host, port, rates, seed))
 
     def deliveries(self) -> list[Delivery]:
         """Every message answered 250 so far (a copy)."""

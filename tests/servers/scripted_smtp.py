@@ -18,6 +18,8 @@ from typing import Callable
 
 import attrs
 
+from tests.servers.threaded import ServedInThread
+
 __all__ = ["ScriptedSMTP", "Transaction"]
 
 #: A recipient address -> the RCPT reply, or C{None} for 250.
@@ -146,7 +148,7 @@ class _Server(socketserver.ThreadingTCPServer):
             self.transactions.append(txn)
 
 
-class ScriptedSMTP:
+class ScriptedSMTP(ServedInThread):
     """
     Serve SMTP on C{host:port} (port 0: any) until L{stop}.
 
@@ -160,21 +162,7 @@ class ScriptedSMTP:
     def __init__(
         self, rule: Rule, host: str = "127.0.0.1", port: int = 0, *, lenient: bool = False
     ) -> None:
-        self._server = _Server(host, port, rule, lenient)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def port(self) -> int:
-        return int(self._server.server_address[1])
-
-    def start(self) -> ScriptedSMTP:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(10)
+        self._serve(_Server(host, port, rule, lenient))
 
     def transactions(self) -> list[Transaction]:
         """Every transaction so far (a copy)."""

@@ -25,6 +25,8 @@ from typing import Callable
 
 import attrs
 
+from tests.servers.threaded import ServedInThread
+
 __all__ = ["XOAuth2SMTP", "AuthAttempt", "Message"]
 
 
@@ -153,7 +155,7 @@ class _Server(socketserver.ThreadingTCPServer):
     owner: XOAuth2SMTP
 
 
-class XOAuth2SMTP:
+class XOAuth2SMTP(ServedInThread):
     """
     Serve on 127.0.0.1 (port 0: any) until L{stop}.
 
@@ -178,22 +180,9 @@ class XOAuth2SMTP:
         self.messages: list[Message] = []
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.load_cert_chain(str(pem))
-        self._server = _Server(("127.0.0.1", port), _Handler)
-        self._server.owner = self
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def port(self) -> int:
-        return int(self._server.server_address[1])
-
-    def start(self) -> XOAuth2SMTP:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(10)
+        server = _Server(("127.0.0.1", port), _Handler)
+        server.owner = self
+        self._serve(server)
 
     def _attempt(self, attempt: AuthAttempt) -> None:
         with self.lock:
