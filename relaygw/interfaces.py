@@ -197,10 +197,13 @@ class IDirectory(Interface):
     reactor and never put a password in a log event or an exception message.
     """
 
-    def authenticate(username: str, password: str) -> object:
+    def authenticate(username: str, password: str, gate: object | None = None) -> object:
         """
         Check a login.  The caller has already refused empty passwords, but
-        implementations refuse them too, before any bind.
+        implementations refuse them too, before any bind.  A directory where
+        several login names mean one account (AD: sAMAccountName, UPN,
+        C{DOMAIN\\user}, mail) asks C{gate}, an L{IAccountGate}, once it has
+        found the account and before it binds as it.
 
         @return: a L{twisted.internet.defer.Deferred} firing with the
             L{relaygw.auth.user.AuthenticatedUser} (canonical name, addresses,
@@ -223,6 +226,27 @@ class IDirectory(Interface):
         """
         @return: a Deferred firing with C{None} when the directory answers
             (a service-account bind), failing with L{DirectoryUnavailable}.
+        """
+
+
+class IAccountGate(Interface):
+    """
+    The AUTH throttle's say on one login, once the directory knows which
+    account the login name means: failures are counted per account too, so
+    guesses spread over an account's login names (AD: C{alice},
+    C{EXAMPLE\\alice}, C{alice@corp}, its mail address) cannot lock it.
+    """
+
+    def admit(account: str) -> bool:
+        """
+        Called on the reactor thread (a directory in a thread pool uses
+        C{blockingCallFromThread}) after the account was found and before
+        any bind as it; asking again for the same account (a failover) gives
+        the same answer and counts once.
+
+        @param account: the account's stable identity (its DN).
+        @return: C{False}: do not bind; refuse the login with
+            L{twisted.cred.error.UnauthorizedLogin} (the gate knows why).
         """
 
 

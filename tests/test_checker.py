@@ -34,6 +34,10 @@ class RecordingDirectory:
     @ivar addresses: the addresses that exist.
     @ivar down: fail every call with DirectoryUnavailable.
     @ivar hold: answer with unfired Deferreds, kept in C{held}.
+    @ivar accounts: login (case-folded) -> the account it means (as AD's
+        aliases of one account); the login's gate is asked about that
+        account before the "bind", and each bind is recorded as
+        C{("bind", account)}.
     """
 
     def __init__(self) -> None:
@@ -43,6 +47,7 @@ class RecordingDirectory:
         self.down = False
         self.hold = False
         self.held: list[Deferred[Any]] = []
+        self.accounts: dict[str, str] = {}
 
     def add(self, name: str, password: str, addresses: tuple[str, ...] = (),
             groups: tuple[str, ...] = ()) -> AuthenticatedUser:
@@ -62,8 +67,14 @@ class RecordingDirectory:
             return fail(value)
         return succeed(value)
 
-    def authenticate(self, username: str, password: str) -> Deferred[Any]:
+    def authenticate(self, username: str, password: str, gate: Any = None) -> Deferred[Any]:
         self.calls.append(("authenticate", username))
+        account = self.accounts.get(username.casefold())
+        if account is not None:
+            if gate is not None and not gate.admit(account):
+                return fail(UnauthorizedLogin("account throttled"))
+            self.calls.append(("bind", account))
+            username = account
         known = self.users.get(username.casefold())
         if known is None or known[0] != password or not password:
             return self._answer(UnauthorizedLogin("unknown user or wrong password"))

@@ -115,9 +115,10 @@ class DirectoryChecker:
             if cached.expires > now and hmac.compare_digest(cached.digest, digest):
                 return cached.user
             del self._cache[key]
+        gate = getattr(credentials, "gate", None)
         user = cast(
             AuthenticatedUser,
-            await cast("Deferred[object]", self.directory.authenticate(username, password)),
+            await cast("Deferred[object]", self.directory.authenticate(username, password, gate)),
         )
         if self._ttl > 0:
             self._cache[key] = _Cached(self._clock.seconds() + self._ttl, digest, user)

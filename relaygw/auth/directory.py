@@ -12,7 +12,14 @@ Choices, and why:
     nothing stale survives a directory restart, failover is simply "the next
     URL", and a user bind can never leave a shared connection bound as that
     user.  The cost, a TCP and TLS handshake per login, is what the
-    checker's success cache is for.
+    checker's success cache is for.  Failover stops at the user bind: a
+    bind sent without a verdict back is 454, never a second bind elsewhere
+    (each would count against the AD lockout threshold).
+  - B{The throttle's account gate} (L{IAccountGate}) is asked with the DN
+    found, from the pool thread through C{blockingCallFromThread}, before
+    the groups search and the bind: guesses spread over an account's login
+    names count against the one account, and a throttled account is never
+    bound.
   - B{Hard timeouts}: C{settings.timeout} bounds the TCP connect and every
     read, TLS handshake included (ldap3 sets the socket timeout before it
     wraps the socket); the read timeout is whole seconds (ldap3 packs it
@@ -61,7 +68,7 @@ from ldap3.utils.conv import escape_filter_chars
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.threads import blockingCallFromThread, deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -69,7 +76,7 @@ from zope.interface import implementer
 
 from relaygw.auth.user import AuthenticatedUser
 from relaygw.config._model import Directory
-from relaygw.interfaces import DirectoryUnavailable, IDirectory
+from relaygw.interfaces import DirectoryUnavailable, IAccountGate, IDirectory
 
 __all__ = ["LDAPDirectory", "MAX_NAME_LENGTH"]
 
@@ -97,6 +104,15 @@ _AD_ACCOUNT = ("sAMAccountName", "userAccountControl", "lockoutTime",
 
 class _ServerFailed(Exception):
     """This server cannot answer now; the text is safe to log."""
+
+
+class _BindUnanswered(_ServerFailed):
+    """
+    The user bind was sent but got no verdict (a timeout, a dropped
+    connection, an unexpected result code).  Not retried on the next
+    server: the first may have counted it as a bad password, and two
+    counts for one AUTH would bring the account nearer its AD lockout.
+    """
 
 
 class _VerifyingTls(Tls):
@@ -177,9 +193,12 @@ class LDAPDirectory:
         account = _AD_ACCOUNT if self._ad else ("uid", "memberOf")
         self._user_attributes = sorted({*account, *settings.address_attributes})
 
-    def authenticate(self, username: str, password: str) -> Deferred[AuthenticatedUser]:
+    def authenticate(
+        self, username: str, password: str, gate: object | None = None
+    ) -> Deferred[AuthenticatedUser]:
         """
-        Search the user with the service account, then bind as it.
+        Search the user with the service account, ask C{gate} (an
+        L{IAccountGate}) about the DN found, then bind as it.
 
         @return: fires with the L{AuthenticatedUser}; fails with
             L{UnauthorizedLogin} or L{DirectoryUnavailable}.
@@ -191,7 +210,8 @@ class LDAPDirectory:
             secret = password.encode("utf-8")
         except UnicodeEncodeError:
             return self._refuse(UnauthorizedLogin("unencodable password"), username)
-        d = self._timed(self._run(self._authenticate, username, secret), "authenticate")
+        checked = IAccountGate(gate, None)
+        d = self._timed(self._run(self._authenticate, username, secret, checked), "authenticate")
         d.addErrback(self._refused, username)
         return d
 
@@ -266,6 +286,11 @@ class LDAPDirectory:
             try:
                 conn = self._connect(endpoint)
                 return op(conn)
+            except _BindUnanswered as e:
+                if warn:
+                    self._warn(endpoint.url, str(e))
+                raise DirectoryUnavailable(
+                    f"{endpoint.url}: {e}; not retried on another server") from None
             except _ServerFailed as e:
                 problem = str(e)
             except (LDAPException, OSError) as e:
@@ -313,7 +338,9 @@ class LDAPDirectory:
             raise
         return conn
 
-    def _authenticate(self, username: str, password: bytes) -> AuthenticatedUser:
+    def _authenticate(
+        self, username: str, password: bytes, gate: IAccountGate | None
+    ) -> AuthenticatedUser:
         name = username
         if self._ad and "\\" in name:
             name = name.split("\\", 1)[1]
@@ -330,12 +357,21 @@ class LDAPDirectory:
             dn, attributes = found[0]
             if self._ad:
                 _refuse_disabled_or_locked(attributes)
+            # Before any bind: an account the throttle holds is never asked.
+            if gate is not None and not blockingCallFromThread(self._reactor, gate.admit, dn):
+                raise UnauthorizedLogin("account throttled")
             groups = self._groups(conn, dn, attributes)
-            if not _bind(conn, dn, password):
+            try:
+                bound = _bind(conn, dn, password)
+            except _ServerFailed as e:
+                raise _BindUnanswered(f"user {e}") from None
+            except OSError as e:
+                raise _BindUnanswered(f"user bind failed ({type(e).__name__})") from None
+            if not bound:
                 code = conn.result.get("result") if conn.result else None
                 if code in _BIND_REFUSED:
                     raise UnauthorizedLogin(f"bind refused: {_result(conn)}")
-                raise _ServerFailed(f"user bind failed: {_result(conn)}")
+                raise _BindUnanswered(f"user bind failed: {_result(conn)}")
             canonical = _first(attributes, "samaccountname" if self._ad else "uid") or name
             return AuthenticatedUser(canonical, self._addresses(attributes), groups)
 

@@ -51,12 +51,15 @@ class Credentials:
     @ivar password: the password octets; never shown by C{repr}.
     @ivar client_ip: the client's address (for throttling and logs).
     @ivar connector: the name of the session's connector.
+    @ivar gate: the L{relaygw.interfaces.IAccountGate} of this login (its
+        throttle attempt), passed on to the directory; C{None} outside a session.
     """
 
     username: bytes
     password: bytes = field(repr=False)
     client_ip: str = ""
     connector: str = ""
+    gate: object | None = field(default=None, repr=False, eq=False)
 
     def checkPassword(self, password: bytes) -> bool:
         """Constant-time comparison with C{password}."""

@@ -13,6 +13,19 @@ session's later commands are answered at once.
 A success clears both counts.  Memory is bounded: at most C{max_keys}
 counters, expired ones dropped first, then the oldest.
 
+Checks in flight count against the limit too (L{Throttle.admit}): a login
+waits while failures plus checks in flight reach C{max_failures} for its
+IP or user name, so N AUTHs arriving at once from N connections cannot all
+reach the directory before the first failure is counted; waiting, not
+refusing, because those in flight may succeed.  A tempfail (454) settles
+its check without counting.  The directory tells the throttle which
+account (DN) a login name means before it binds (L{Attempt.admit}, the
+L{IAccountGate}): failures are counted per account as well, a throttled
+account is refused without a bind, and a check for an account whose
+checks in flight would exceed the limit (guesses spread over its login
+names at once) is answered 454 rather than waited for, since the
+directory's thread would wait with it.
+
 Log events (C{event="auth.result"}) carry C{result} (C{success},
 C{failure}, C{tempfail}, C{throttled}) with C{connector}, C{session_id},
 C{peer} and C{auth_user}; never the password or the SASL payload.
@@ -20,27 +33,29 @@ C{peer} and C{auth_user}; never the password or the SASL payload.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
-from attrs import frozen
+import attrs
+from attrs import evolve, frozen
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from relaygw import replies
 from relaygw.auth.realm import IAuthenticatedUser
 from relaygw.auth.sasl import Credentials
 from relaygw.auth.user import AuthenticatedUser
 from relaygw.config._model import AuthThrottle
-from relaygw.interfaces import DirectoryUnavailable
+from relaygw.interfaces import DirectoryUnavailable, IAccountGate
 from relaygw.replies import Reply
 
-__all__ = ["LoginResult", "Throttle", "guarded_login"]
+__all__ = ["Attempt", "LoginResult", "Throttle", "guarded_login"]
 
 
 @frozen
@@ -49,9 +64,16 @@ class _Count:
     failures: int
 
 
+@attrs.define(eq=False)
+class _Waiter:
+    ip: str
+    username: str
+    result: Deferred[Attempt | None]
+
+
 class Throttle:
     """
-    Failure counters of one connector.
+    Failure counters of one connector, and the checks in flight.
 
     @ivar settings: the connector's C{auth_throttle}.
     """
@@ -61,13 +83,24 @@ class Throttle:
         self._clock = clock
         self._max = max_keys
         self._counts: OrderedDict[str, _Count] = OrderedDict()
-        #: Told C{("failure" | "success", ip, username)} of each outcome
-        #: here, for the other receiving processes (L{relaygw.session.peers}).
-        self.on_change: Callable[[str, str, str], None] | None = None
+        #: Checks in flight per key, in every process; C{_remote}: another
+        #: process's share of them (origin -> key -> checks), for L{forget}.
+        self._pending: dict[str, int] = {}
+        self._remote: dict[int, dict[str, int]] = {}
+        #: Logins waiting for a check in flight on the key to settle.
+        self._waiting: dict[str, deque[_Waiter]] = {}
+        #: Told C{("failure" | "success", ip, username, account)} of each
+        #: outcome here and C{("begin" | "end", *keys)} of each check in
+        #: flight, for the other receiving processes (L{relaygw.session.peers}).
+        self.on_change: Callable[..., None] | None = None
 
     @staticmethod
     def _keys(ip: str, username: str) -> tuple[str, str]:
         return f"ip:{ip}", f"user:{username.lower()}"
+
+    @staticmethod
+    def _account(account: str) -> str:
+        return f"account:{account.lower()}" if account else ""
 
     def _failures(self, key: str, now: float) -> int:
         count = self._counts.get(key)
@@ -87,41 +120,136 @@ class Throttle:
         """Whether AUTH from C{ip} or as C{username} is answered 535 without a check."""
         return self.failures(ip, username) >= self.settings.max_failures
 
-    def failure(self, ip: str, username: str) -> float:
+    def in_flight(self, key: str) -> int:
+        """Checks in flight for C{key} (C{ip:...}, C{user:...}, C{account:...}), in every process."""
+        return self._pending.get(key, 0)
+
+    def admit(self, ip: str, username: str) -> Deferred[Attempt | None]:
         """
-        Count one failure for C{ip} and C{username}.
+        Ask to check a login: failures and checks in flight together stay
+        within C{max_failures} per IP, user name and account, so that however
+        many logins arrive at once, at most C{max_failures} wrong passwords
+        reach the directory before the counts stop them.
+
+        @return: a Deferred firing with C{None} when the IP or the user has
+            C{max_failures} failures (answer 535 unasked), else with the
+            L{Attempt} to settle once the check is done: at once, or when
+            enough of the checks in flight have settled.
+        """
+        waiter = _Waiter(ip, username, Deferred())
+        self._try(waiter)
+        return waiter.result
+
+    def _try(self, waiter: _Waiter) -> None:
+        now = self._clock.seconds()
+        limit = self.settings.max_failures
+        keys = self._keys(waiter.ip, waiter.username)
+        if any(self._failures(key, now) >= limit for key in keys):
+            waiter.result.callback(None)
+            return
+        for key in keys:
+            if self._failures(key, now) + self.in_flight(key) >= limit:
+                # Those in flight may still succeed (and clear the counts):
+                # wait for them rather than refuse a right password.
+                self._waiting.setdefault(key, deque()).append(waiter)
+                return
+        self._begin(keys)
+        waiter.result.callback(Attempt(self, waiter.ip, waiter.username))
+
+    def _admit_account(self, account: str) -> str:
+        """C{"go"} (counted in flight), C{"throttled"} or C{"busy"} for an account key."""
+        now = self._clock.seconds()
+        failures = self._failures(account, now)
+        if failures >= self.settings.max_failures:
+            return "throttled"
+        if failures + self.in_flight(account) >= self.settings.max_failures:
+            return "busy"
+        self._begin((account,))
+        return "go"
+
+    def _begin(self, keys: tuple[str, ...]) -> None:
+        for key in keys:
+            self._pending[key] = self._pending.get(key, 0) + 1
+        if self.on_change is not None:
+            self.on_change("begin", *keys)
+
+    def _end(self, keys: tuple[str, ...]) -> None:
+        if self.on_change is not None:
+            self.on_change("end", *keys)
+        self._release(keys)
+
+    def _release(self, keys: tuple[str, ...]) -> None:
+        woken: list[_Waiter] = []
+        for key in keys:
+            left = self._pending.get(key, 0) - 1
+            if left > 0:
+                self._pending[key] = left
+            else:
+                self._pending.pop(key, None)
+            woken.extend(self._waiting.pop(key, ()))
+        for waiter in woken:
+            if not waiter.result.called:  # not cancelled meanwhile
+                self._try(waiter)
+
+    def failure(self, ip: str, username: str, account: str = "") -> float:
+        """
+        Count one failure for C{ip} and C{username} (and the account, a
+        directory DN, when known).
 
         @return: the delay, in seconds, before answering it.
         """
-        self._count(ip, username)
+        self._count(ip, username, account)
         if self.on_change is not None:
-            self.on_change("failure", ip, username)
+            self.on_change("failure", ip, username, account)
         return self.delay(self.failures(ip, username))
 
-    def success(self, ip: str, username: str) -> None:
-        """A success clears the IP's and the user's counts."""
-        self._clear(ip, username)
+    def success(self, ip: str, username: str, account: str = "") -> None:
+        """A success clears the IP's, the user's and the account's counts."""
+        self._clear(ip, username, account)
         if self.on_change is not None:
-            self.on_change("success", ip, username)
+            self.on_change("success", ip, username, account)
 
-    def record(self, outcome: str, ip: str, username: str) -> None:
+    def record(self, outcome: str, ip: str, username: str, account: str = "") -> None:
         """An outcome (C{"failure"} or C{"success"}) in another receiving process."""
         if outcome == "failure":
-            self._count(ip, username)
+            self._count(ip, username, account)
         elif outcome == "success":
-            self._clear(ip, username)
+            self._clear(ip, username, account)
 
-    def _count(self, ip: str, username: str) -> None:
+    def remote(self, origin: int, delta: int, keys: list[str]) -> None:
+        """Another process (C{origin}) began (+1) or ended (-1) a check for C{keys}."""
+        held = self._remote.setdefault(origin, {})
+        for key in keys:
+            if delta > 0:
+                held[key] = held.get(key, 0) + 1
+                self._pending[key] = self._pending.get(key, 0) + 1
+            elif held.get(key, 0) > 0:
+                held[key] -= 1
+                if not held[key]:
+                    del held[key]
+                self._release((key,))
+
+    def forget(self, origin: int) -> None:
+        """Another process ended: its checks in flight went with it."""
+        for key, count in self._remote.pop(origin, {}).items():
+            for _ in range(count):
+                self._release((key,))
+
+    def _all_keys(self, ip: str, username: str, account: str) -> tuple[str, ...]:
+        keys = self._keys(ip, username)
+        return (*keys, self._account(account)) if account else keys
+
+    def _count(self, ip: str, username: str, account: str = "") -> None:
         now = self._clock.seconds()
-        for key in self._keys(ip, username):
+        for key in self._all_keys(ip, username, account):
             held = self._failures(key, now)
             start = self._counts[key].start if held else now
             self._counts[key] = _Count(start, held + 1)
             self._counts.move_to_end(key)
         self._trim(now)
 
-    def _clear(self, ip: str, username: str) -> None:
-        for key in self._keys(ip, username):
+    def _clear(self, ip: str, username: str, account: str = "") -> None:
+        for key in self._all_keys(ip, username, account):
             self._counts.pop(key, None)
 
     def delay(self, failures: int) -> float:
@@ -141,6 +269,71 @@ class Throttle:
             del self._counts[key]
         while len(self._counts) > self._max:
             self._counts.popitem(last=False)
+
+
+@implementer(IAccountGate)
+class Attempt:
+    """
+    One login being checked, counted in flight until it is settled (once)
+    by L{failure}, L{success} or L{tempfail}.  It is also the directory's
+    L{IAccountGate}: the account a login name resolves to is counted in
+    flight too, and refused when throttled.
+
+    @ivar refused: C{None}, or why L{admit} said no: C{"throttled"} (the
+        account has C{max_failures} failures) or C{"busy"} (with the checks
+        in flight for it, more would exceed C{max_failures}).
+    """
+
+    def __init__(self, throttle: Throttle, ip: str, username: str) -> None:
+        self._throttle = throttle
+        self._ip = ip
+        self._username = username
+        self._keys: tuple[str, ...] = throttle._keys(ip, username)
+        self._account = ""
+        self.refused: str | None = None
+        self._settled = False
+
+    def admit(self, account: str) -> bool:
+        """See L{IAccountGate.admit}; idempotent for one account (a failover asks again)."""
+        key = self._throttle._account(account)
+        if self._settled or not key:
+            return False
+        if key == self._throttle._account(self._account):
+            return True
+        if self._account:  # another server found another entry: count that one instead
+            self._throttle._end((self._keys[-1],))
+            self._keys, self._account = self._keys[:-1], ""
+        verdict = self._throttle._admit_account(key)
+        if verdict != "go":
+            self.refused = verdict
+            return False
+        self._keys, self._account = (*self._keys, key), account
+        return True
+
+    def _settle(self) -> bool:
+        if self._settled:
+            return False
+        self._settled = True
+        return True
+
+    def failure(self) -> float:
+        """A wrong password (or a refusal): counted, then the check leaves the flight."""
+        if not self._settle():
+            return 0.0
+        wait = self._throttle.failure(self._ip, self._username, self._account)
+        self._throttle._end(self._keys)
+        return wait
+
+    def success(self) -> None:
+        """The login succeeded: the counts are cleared."""
+        if self._settle():
+            self._throttle.success(self._ip, self._username, self._account)
+            self._throttle._end(self._keys)
+
+    def tempfail(self) -> None:
+        """No answer (454): nothing counted."""
+        if self._settle():
+            self._throttle._end(self._keys)
 
 
 @frozen
@@ -192,30 +385,45 @@ async def _login(
     ip = credentials.client_ip
     name = credentials.username.decode("utf-8", "replace")
     shown = name if len(name) <= 256 and "\x00" not in name else name[:64] + "..."
-    if throttle.blocked(ip, name):
+    attempt = await throttle.admit(ip, name)
+    if attempt is None:
         result = LoginResult(replies.AUTH_FAILED, None, "throttled")
         wait = throttle.failure(ip, name)
         reason = "too many failures"
     else:
+        # Settled whatever happens (a cancelled wait included): a check left
+        # in flight would hold its IP and user name for good.
         try:
-            _, avatar, _ = await portal.login(credentials, None, IAuthenticatedUser)
+            gated = evolve(credentials, gate=attempt)
+            _, avatar, _ = await portal.login(gated, None, IAuthenticatedUser)
         except UnauthorizedLogin as error:
-            result = LoginResult(replies.AUTH_FAILED, None, "failure")
-            wait = throttle.failure(ip, name)
-            reason = str(error)
+            if attempt.refused == "busy":
+                attempt.tempfail()
+                result, wait = LoginResult(replies.AUTH_TEMPFAIL, None, "tempfail"), 0.0
+                reason = "other checks of this account in flight"
+            else:
+                throttled = attempt.refused == "throttled"
+                result = LoginResult(replies.AUTH_FAILED, None,
+                                     "throttled" if throttled else "failure")
+                wait = attempt.failure()
+                reason = "too many failures for the account" if throttled else str(error)
         except DirectoryUnavailable as error:
+            attempt.tempfail()
             result, wait, reason = LoginResult(replies.AUTH_TEMPFAIL, None, "tempfail"), 0.0, str(error)
         except Exception:
+            attempt.tempfail()
             _log.failure("AUTH check failed unexpectedly for {auth_user}", auth_user=shown, **fields)
             result, wait, reason = LoginResult(replies.AUTH_TEMPFAIL, None, "tempfail"), 0.0, "error"
         else:
-            throttle.success(ip, name)
+            attempt.success()
             user = avatar if isinstance(avatar, AuthenticatedUser) else None
             if user is None:
                 result = LoginResult(replies.AUTH_TEMPFAIL, None, "tempfail")
             else:
                 result = LoginResult(replies.AUTH_OK, user, "success")
             wait, reason = 0.0, ""
+        finally:
+            attempt.tempfail()  # no-op once settled above
     wait = min(wait, max_wait)
     if result.result == "success":
         _log.info("AUTH by {auth_user} from {peer} succeeded", event="auth.result",

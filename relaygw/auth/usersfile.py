@@ -316,8 +316,10 @@ class UsersFile:
         except Exception:
             return fail()
 
-    def authenticate(self, username: str, password: str) -> Deferred[AuthenticatedUser]:
-        """See L{IDirectory.authenticate}."""
+    def authenticate(
+        self, username: str, password: str, gate: object | None = None
+    ) -> Deferred[AuthenticatedUser]:
+        """See L{IDirectory.authenticate}; one name per user here, so no C{gate} to ask."""
         if not password:
             return fail(UnauthorizedLogin("empty password"))
         entry = self._current().get(username.casefold())

@@ -2,7 +2,9 @@
 Limits shared by the receiving processes (L{relaygw.workers}), as Postfix's
 anvil shares them among its smtpd processes: connections per connector and
 per client IP, message rate tokens, and AUTH failures per IP and per user
-name count the same whichever process a client lands in.
+name count the same whichever process a client lands in, and so do AUTH
+checks in flight (each begin and end is told) and failures per directory
+account.
 
 Each process tells the others of every change it makes (one short JSON line
 per change: origin pid, connector, operation, arguments) and applies theirs;
@@ -11,7 +13,7 @@ change a pipe hop later, so two processes may both admit the last
 connection a limit allows at the same instant: the limits hold to within
 one connection (or token, or failure) per process, never the N-fold of
 unshared counters.  A worker that ends takes its connections with it
-(L{PeerLimits.forget}); a restarted worker starts with empty rate and AUTH
+(L{PeerLimits.forget}), and its AUTH checks in flight; a restarted worker starts with empty rate and AUTH
 counters, as a restarted gateway does.
 
 User names cross the pipes (never a password, never a log line).
@@ -54,6 +56,7 @@ class PeerLimits:
         self._send = send
         self._lookup = lookup
         self._counters: dict[str, ConnectionCounter] = {}
+        self._throttles: dict[str, Throttle] = {}
 
     def attach(self, connector: str, item: Shared) -> None:
         """Tell the others of C{item}'s changes."""
@@ -63,7 +66,10 @@ class PeerLimits:
         elif isinstance(item, RateLimiter):
             item.on_take = lambda key: self._tell(connector, "r", key)
         else:
-            item.on_change = lambda outcome, ip, user: self._tell(connector, outcome[0], ip, user)
+            self._throttles[connector] = item  # for forget
+            # f(ailure)/s(uccess) ip user [account]; b(egin)/e(nd) of a check: its keys
+            item.on_change = lambda op, *args: self._tell(
+                connector, op[0], *(args[:-1] if args and not args[-1] else args))
 
     def _tell(self, connector: str, op: str, *args: str) -> None:
         self._send(json.dumps([self.origin, connector, op, *args]).encode())
@@ -82,15 +88,19 @@ class PeerLimits:
         if op == "forget":
             for counter in self._counters.values():
                 counter.forget(origin)
+            for throttle in self._throttles.values():
+                throttle.forget(origin)
             return
-        item = self._lookup({"r": "limiter", "f": "throttle", "s": "throttle"}.get(op, "counter"),
-                            connector)
+        kinds = {"r": "limiter", "f": "throttle", "s": "throttle", "b": "throttle", "e": "throttle"}
+        item = self._lookup(kinds.get(op, "counter"), connector)
         if isinstance(item, ConnectionCounter) and op in ("c+", "c-"):
             item.remote(origin, args[0], 1 if op == "c+" else -1)
         elif isinstance(item, RateLimiter) and op == "r":
             item.consume(args[0])
         elif isinstance(item, Throttle) and op in ("f", "s"):
-            item.record("failure" if op == "f" else "success", args[0], args[1])
+            item.record("failure" if op == "f" else "success", *args[:3])
+        elif isinstance(item, Throttle) and op in ("b", "e"):
+            item.remote(origin, 1 if op == "b" else -1, args)
 
     @staticmethod
     def forget_message(origin: int) -> bytes:

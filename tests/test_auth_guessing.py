@@ -1,0 +1,410 @@
+"""
+AUTH guessing spread over many connections, source addresses and login
+names (issue 11): at most C{max_failures} wrong passwords reach the
+directory per throttled IP, user name or account, however many AUTHs
+arrive at once and under whichever of an account's names.
+
+The unit tests drive L{relaygw.auth.throttle.guarded_login} through a real
+twisted.cred portal and L{DirectoryChecker} on a L{Clock}, over the
+recording IDirectory fake (held answers play a directory that has not
+answered yet).  The last test runs L{LDAPDirectory} against a real slapd
+behind a proxy that swallows the answer to the user bind: the bind is not
+sent a second time to the next server.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import Portal
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from zope.interface.verify import verifyObject
+
+from relaygw import replies
+from relaygw.auth.checker import DirectoryChecker
+from relaygw.auth.realm import UserRealm
+from relaygw.auth.sasl import Credentials
+from relaygw.auth.throttle import Attempt, LoginResult, Throttle, guarded_login
+from relaygw.config._model import AuthThrottle
+from relaygw.interfaces import DirectoryUnavailable, IAccountGate
+from relaygw.session.peers import PeerLimits
+from tests.servers import slapd as S
+from tests.servers.dirtest import DirectoryTestCase, settings, unavailable
+from tests.test_checker import RecordingDirectory
+
+M = 3
+SETTINGS = AuthThrottle(max_failures=M, window=timedelta(minutes=10),
+                        delay=timedelta(0), max_delay=timedelta(0))  # fmt: skip
+ACCOUNT = "CN=alice,CN=Users,DC=corp,DC=test"
+ALIASES = ("alice", "CORP\\alice", "alice@corp.test", "alice.smith@example.test")
+
+
+class Gateway:
+    """One connector's throttle and portal over the recording directory."""
+
+    def __init__(self, settings: AuthThrottle = SETTINGS) -> None:
+        self.clock = Clock()
+        self.directory = RecordingDirectory()
+        self.directory.hold = True
+        self.directory.add(ACCOUNT, "right")
+        self.directory.add("bob", "bobpw")
+        for alias in ALIASES:
+            self.directory.accounts[alias.casefold()] = ACCOUNT
+        self.throttle = Throttle(settings, self.clock)
+        self.portal = Portal(UserRealm(), [DirectoryChecker(self.directory, self.clock)])
+
+    def login(self, user: str, password: str, ip: str) -> Deferred[LoginResult]:
+        credentials = Credentials(user.encode(), password.encode(), ip, "C")
+        return guarded_login(self.portal, self.throttle, credentials, self.clock, {}, 60.0)
+
+    def asked(self, what: str = "authenticate") -> int:
+        return sum(1 for call, _ in self.directory.calls if call == what)
+
+    def answer_all(self, value: Any) -> int:
+        """Answer every held directory call (and those they let in) with C{value}."""
+        answered = 0
+        while self.directory.held:
+            d = self.directory.held.pop(0)
+            if isinstance(value, Exception):
+                d.errback(value)
+            else:
+                d.callback(value)
+            answered += 1
+        return answered
+
+
+def fired(d: Deferred[Any]) -> Any:
+    """The result of a Deferred that has fired (not with a failure)."""
+    box: list[Any] = []
+    d.addBoth(box.append)
+    assert box, "not fired"
+    assert not isinstance(box[0], Failure), box[0]
+    return box[0]
+
+
+def ip(i: int) -> str:
+    return f"127.0.{i // 250}.{i % 250 + 1}"
+
+
+def outcomes(results: list[Deferred[LoginResult]]) -> list[str]:
+    out = []
+    for d in results:
+        assert d.called, "a login is still waiting"
+        out.append(d.result.result)
+    return out
+
+
+def test_parallel_guesses_for_one_user_reach_the_directory_max_failures_times() -> None:
+    """
+    Twenty wrong passwords for one user arriving at once from twenty source
+    addresses: only max_failures (3) are checked while the rest wait; when
+    those fail, the rest are 535 throttled without asking.
+    """
+    gw = Gateway()
+    results = [gw.login("printer", "wrong", ip(i)) for i in range(20)]
+    assert gw.asked() == M
+    assert gw.throttle.in_flight("user:printer") == M
+    gw.answer_all(UnauthorizedLogin("wrong password"))
+    assert gw.asked() == M
+    assert sorted(outcomes(results)) == ["failure"] * M + ["throttled"] * (20 - M)
+    assert all(d.result.reply == replies.AUTH_FAILED for d in results)
+    assert gw.throttle.in_flight("user:printer") == 0
+
+
+def test_parallel_logins_with_the_right_password_wait_and_all_succeed() -> None:
+    """
+    Ten logins with the right password at once from one address: at most
+    max_failures are in the directory at a time, none is refused.
+    """
+    gw = Gateway()
+    results = [gw.login("bob", "bobpw", "192.0.2.7") for _ in range(10)]
+    seen = 0
+    while gw.directory.held:
+        assert len(gw.directory.held) <= M
+        gw.directory.held.pop(0).callback(gw.directory.users["bob"][1])
+        seen += 1
+    assert seen == 10
+    assert outcomes(results) == ["success"] * 10
+    assert gw.throttle.in_flight("ip:192.0.2.7") == 0
+
+
+def test_tempfail_settles_without_counting() -> None:
+    """A directory that does not answer (454) counts no failure and lets the waiting in."""
+    gw = Gateway()
+    results = [gw.login("printer", "whatever", ip(i)) for i in range(7)]
+    assert gw.asked() == M
+    assert gw.answer_all(DirectoryUnavailable("down")) == 7
+    assert outcomes(results) == ["tempfail"] * 7
+    assert all(d.result.reply == replies.AUTH_TEMPFAIL for d in results)
+    assert gw.throttle.failures(ip(0), "printer") == 0
+
+
+def test_guesses_over_the_aliases_of_one_account_bind_max_failures_times() -> None:
+    """
+    Five wrong passwords under each of four names of one account, each from
+    its own address, one after another: the account is bound only
+    max_failures times; then even its right password is 535 unbound, until
+    the window has passed.
+    """
+    gw = Gateway()
+    gw.directory.hold = False
+    n = 0
+    for alias in ALIASES:
+        for _ in range(5):
+            d = gw.login(alias, "wrong", ip(n))
+            n += 1
+            assert fired(d).reply == replies.AUTH_FAILED
+    assert gw.asked("bind") == M
+    assert fired(gw.login("alice@corp.test", "right", ip(n))).result == "throttled"
+    assert gw.asked("bind") == M
+    gw.clock.advance(SETTINGS.window.total_seconds())
+    assert fired(gw.login("ALICE@corp.test", "right", ip(n + 1))).result == "success"
+    assert gw.asked("bind") == M + 1
+
+
+def test_parallel_guesses_over_the_aliases_are_bound_max_failures_times() -> None:
+    """
+    Two wrong passwords under each of four names at once (eight sources):
+    three reach the bind, the other five get 454 (the account's checks are
+    in flight), and afterwards every name of the account is throttled.
+    """
+    gw = Gateway()
+    results = [gw.login(alias, "wrong", ip(i * 2 + k))
+               for i, alias in enumerate(ALIASES) for k in range(2)]  # fmt: skip
+    assert gw.asked("bind") == M
+    assert gw.throttle.in_flight("account:" + ACCOUNT.lower()) == M
+    gw.answer_all(UnauthorizedLogin("wrong password"))
+    assert sorted(outcomes(results)) == ["failure"] * M + ["tempfail"] * (8 - M)
+    for alias in ALIASES:
+        assert fired(gw.login(alias, "wrong", "198.51.100.1")).reply == (
+            replies.AUTH_FAILED)
+    assert gw.asked("bind") == M
+    assert gw.throttle.in_flight("account:" + ACCOUNT.lower()) == 0
+
+
+def test_a_cancelled_wait_leaves_nothing_in_flight() -> None:
+    """A login cancelled while it waits is never checked, and nothing stays counted."""
+    gw = Gateway()
+    results = [gw.login("bob", "bobpw", "192.0.2.8") for _ in range(M + 1)]
+    results[-1].cancel()
+    failures: list[Failure] = []
+    results[-1].addErrback(failures.append)
+    assert len(failures) == 1 and failures[0].check(CancelledError)
+    gw.answer_all(gw.directory.users["bob"][1])
+    assert gw.asked() == M
+    assert gw.throttle.in_flight("ip:192.0.2.8") == gw.throttle.in_flight("user:bob") == 0
+
+
+def test_an_attempt_is_an_account_gate_settled_once() -> None:
+    """The attempt provides IAccountGate; a failover asks again and counts once."""
+    throttle = Throttle(SETTINGS, Clock())
+    attempt = fired(throttle.admit("192.0.2.1", "u"))
+    assert isinstance(attempt, Attempt)
+    assert verifyObject(IAccountGate, attempt)
+    assert attempt.admit("CN=U") and attempt.admit("cn=u")
+    assert throttle.in_flight("account:cn=u") == 1
+    attempt.failure()
+    attempt.failure()  # settled already: not counted twice
+    attempt.success()
+    assert throttle.failures("192.0.2.1", "u") == 1
+    assert throttle.in_flight("account:cn=u") == throttle.in_flight("ip:192.0.2.1") == 0
+
+
+# -- receiving processes -----------------------------------------------------------
+
+
+class _Process:
+    def __init__(self, pid: int, clock: Clock, outbox: list[tuple[int, bytes]]) -> None:
+        self.throttle = Throttle(SETTINGS, clock)
+        self.peers = PeerLimits(pid, lambda line: outbox.append((pid, line)),
+                                lambda kind, name: self.throttle if name == "C" else None)
+        self.peers.attach("C", self.throttle)
+
+
+def _deliver(outbox: list[tuple[int, bytes]], *processes: _Process) -> None:
+    while outbox:
+        origin, line = outbox.pop(0)
+        for p in processes:
+            if p.peers.origin != origin:
+                p.peers.apply(line)
+
+
+def test_checks_in_flight_are_shared_by_the_receiving_processes() -> None:
+    """
+    Three checks for "scan" in flight in one process make another process's
+    login for "scan" wait; their failures then throttle it there.  A process
+    that ends takes its checks in flight with it.
+    """
+    clock = Clock()
+    outbox: list[tuple[int, bytes]] = []
+    a, b = _Process(1, clock, outbox), _Process(2, clock, outbox)
+    attempts = [fired(a.throttle.admit(f"10.0.0.{i}", "scan")) for i in range(M)]
+    for attempt in attempts:
+        assert attempt.admit("uid=scan,dc=x")
+    _deliver(outbox, a, b)
+    waiting = b.throttle.admit("10.0.1.1", "SCAN")
+    assert not waiting.called
+    assert b.throttle.in_flight("account:uid=scan,dc=x") == M
+    for attempt in attempts:
+        attempt.failure()
+    _deliver(outbox, a, b)
+    assert fired(waiting) is None  # throttled: 535 unasked
+    assert b.throttle.in_flight("user:scan") == 0
+    assert b.throttle.blocked("10.9.9.9", "scan")
+
+    c = _Process(3, clock, outbox)
+    fired(c.throttle.admit("10.0.2.1", "other"))
+    fired(c.throttle.admit("10.0.2.2", "other"))
+    fired(c.throttle.admit("10.0.2.3", "other"))
+    _deliver(outbox, a, b, c)
+    later = a.throttle.admit("10.0.2.9", "other")
+    assert not later.called
+    a.peers.apply(PeerLimits.forget_message(3))
+    assert isinstance(fired(later), Attempt)
+
+
+# -- failover at the user bind, against a real slapd ---------------------------------
+
+
+class BindAnswerSwallower:
+    """
+    A plain-LDAP proxy (no TLS) that forwards everything but drops the
+    server's answers once a connection has sent its second BindRequest (the
+    first is the service account's, the second the user's): the user bind
+    reaches slapd and gets no verdict back.
+    """
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self._target = target
+        self._stop = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.1)
+        self.port: int = self._listener.getsockname()[1]
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                continue
+            upstream = socket.create_connection(self._target, timeout=5)
+            swallow = threading.Event()
+            for args in ((client, upstream, swallow, True), (upstream, client, swallow, False)):
+                t = threading.Thread(target=self._pump, args=args, daemon=True)
+                self._threads.append(t)
+                t.start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, swallow: threading.Event,
+              requests: bool) -> None:  # fmt: skip
+        source.settimeout(0.1)
+        buffer, binds = b"", 0
+        try:
+            while not self._stop.is_set():
+                try:
+                    data = source.recv(65536)
+                except socket.timeout:
+                    continue
+                if not data:
+                    break
+                if requests:
+                    buffer += data
+                    while (message := _ldap_message(buffer)) is not None:
+                        buffer = buffer[len(message):]
+                        binds += _is_bind(message)
+                        if binds >= 2:
+                            swallow.set()
+                elif swallow.is_set():
+                    continue
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=5)
+        self._listener.close()
+
+
+def _ldap_message(buffer: bytes) -> bytes | None:
+    """The first whole BER LDAPMessage in C{buffer}, or C{None}."""
+    if len(buffer) < 2:
+        return None
+    first = buffer[1]
+    if first < 0x80:
+        length, header = first, 2
+    else:
+        n = first & 0x7F
+        if len(buffer) < 2 + n:
+            return None
+        length, header = int.from_bytes(buffer[2:2 + n], "big"), 2 + n
+    return buffer[:header + length] if len(buffer) >= header + length else None
+
+
+def _is_bind(message: bytes) -> bool:
+    """Whether the LDAPMessage's protocolOp is a BindRequest ([APPLICATION 0], 0x60)."""
+    at = 2 if message[1] < 0x80 else 2 + (message[1] & 0x7F)
+    at += 2 + message[at + 1]  # messageID INTEGER
+    return message[at] == 0x60
+
+
+@pytest.fixture(scope="module")
+def slapd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S.Slapd]:
+    unavailable(S.slapd_unavailable())
+    server = S.start_slapd(tmp_path_factory.mktemp("guess-slapd"))
+    yield server
+    server.stop()
+
+
+class BindFailoverTests(DirectoryTestCase):
+    @pytest.fixture(autouse=True)
+    def _servers(self, slapd: S.Slapd) -> None:
+        self.slapd = slapd
+
+    def binds(self, uid: str) -> int:
+        log = (self.slapd.directory / "slapd.log").read_text(errors="replace")
+        return log.count(f'BIND dn="{S.user_dn(uid)}" method=128')
+
+    async def test_an_unanswered_user_bind_is_not_sent_to_the_next_server(self) -> None:
+        """
+        The first server gets the user bind and never answers it: 454
+        (DirectoryUnavailable) after the timeout, and the second server (the
+        same slapd, directly) is not asked to bind the user again.
+        """
+        proxy = BindAnswerSwallower(("127.0.0.1", int(self.slapd.ldap_url.rsplit(":", 1)[1])))
+        self.addCleanup(proxy.stop)
+        config = settings("ldap", (f"ldap://127.0.0.1:{proxy.port}", self.slapd.ldap_url),
+                          base_dn=S.BASE_DN, bind_dn=S.SERVICE_DN, ca_file=self.slapd.ca_file,
+                          start_tls=False, timeout=1)  # fmt: skip
+        directory = self.directory(config, S.SERVICE_PASSWORD)
+        before = self.binds("carol")
+        with pytest.raises(DirectoryUnavailable) as caught:
+            await directory.authenticate("carol", "wrong-guess")
+        assert "not retried" in str(caught.value)
+        deadline = time.monotonic() + 5
+        while self.binds("carol") - before < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)  # slapd writes its log asynchronously
+        time.sleep(0.3)
+        assert self.binds("carol") - before == 1
+        # The same directory still fails over before the bind: a dead first
+        # server is skipped and the right password logs in.
+        proxy.stop()
+        user = await directory.authenticate("carol", "carolpw")
+        assert user.name == "carol"
