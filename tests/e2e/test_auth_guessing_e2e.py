@@ -146,6 +146,7 @@ def erin_state(dc: A.SambaDC) -> dict[str, int]:
         conn.search(A.dn("erin"), "(objectClass=user)", search_scope="BASE",
                     attributes=["badPwdCount", "lockoutTime",
                                 "msDS-User-Account-Control-Computed"])  # fmt: skip
+        assert conn.response
         raw = {k.lower(): v for k, v in conn.response[0]["raw_attributes"].items()}
 
     def number(name: str) -> int:
