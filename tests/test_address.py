@@ -8,7 +8,13 @@ import pytest
 
 from relaygw import replies
 from relaygw.replies import Reply
-from relaygw.session.address import AddressError, Mailbox, parse_mail_from, parse_rcpt_to
+from relaygw.session.address import (
+    AddressError,
+    Mailbox,
+    folds_into_ascii,
+    parse_mail_from,
+    parse_rcpt_to,
+)
 
 
 def _rcpt_error(args: str) -> Reply:
@@ -151,6 +157,48 @@ def test_non_ascii_allowed() -> None:
     """SMTPUTF8 addresses parse; whether SMTPUTF8 was negotiated is the protocol's concern."""
     rcpt, _ = parse_rcpt_to("TO:<jörg@bücher.example>")
     assert rcpt == Mailbox("jörg", "bücher.example")
+
+
+@pytest.mark.parametrize(
+    "domain",
+    [
+        "\u212aorp.test",  # KELVIN SIGN: lower() and IDNA give k
+        "example.te\u017ft",  # LONG S: IDNA gives s
+        "\uff45xample.test",  # fullwidth e
+        "EXAMPLE.\uff34\uff25\uff33\uff34",  # fullwidth capitals
+        "stra\u00dfe.test",  # sharp s: IDNA 2003 gives ss
+        "\u0130nternal.test",  # dotted capital I: lower() gives i and a combining dot
+        "e\u0301cole.test",  # decomposed e-acute: not NFC
+        "B\u00dcCHER.test",  # a non-ASCII capital
+    ],
+)
+def test_domain_not_in_idna_canonical_form_refused(domain: str) -> None:
+    """
+    A domain that IDNA maps to another name is refused (501 5.1.3 as a
+    recipient, 501 5.1.7 as a sender, also in a source route): no
+    normalisation can make it an accepted domain or deliver it elsewhere.
+    """
+    assert _rcpt_error(f"TO:<bob@{domain}>") == replies.BAD_RECIPIENT_SYNTAX
+    assert _rcpt_error(f"TO:<@{domain}:bob@example.test>") == replies.BAD_RECIPIENT_SYNTAX
+    with pytest.raises(AddressError) as info:
+        parse_mail_from(f"FROM:<bob@{domain}>")
+    assert info.value.reply == replies.BAD_SENDER_SYNTAX
+
+
+@pytest.mark.parametrize(
+    "domain", ["b\u00fccher.test", "B\u00fccher.Test", "ex\u0430mple.test", "k\u0131osk.test"]
+)
+def test_canonical_idn_accepted(domain: str) -> None:
+    """IDNs in their canonical form (ASCII letters in any case) parse as written."""
+    assert parse_rcpt_to(f"TO:<bob@{domain}>")[0] == Mailbox("bob", domain)
+
+
+def test_folds_into_ascii() -> None:
+    """Only characters that lower-case into ASCII while not being ASCII count."""
+    assert folds_into_ascii("\u212aarl@example.test")
+    assert folds_into_ascii("\u0130nfo")
+    assert not folds_into_ascii("KARL@EXAMPLE.TEST")
+    assert not folds_into_ascii("J\u00dcRGEN\u017f")  # lower() keeps them outside ASCII
 
 
 def test_source_route_ignored() -> None:

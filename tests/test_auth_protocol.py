@@ -354,6 +354,21 @@ class ValidateRecipientsTests(AuthSession):
             "550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup",
             "250 2.1.5 Recipient OK"])
 
+    def test_kelvin_sign_is_not_k(self) -> None:
+        """
+        U+212A KELVIN SIGN lower-cases to "k": the recipient it spells is not
+        the directory's karl and is not looked up (550 5.1.10); an ASCII case
+        variant of karl is karl.
+        """
+        self.setup(accepted=VALIDATED)
+        self.directory.add("karl", "k4rl", ("karl@example.test",))
+        lines = self.send("EHLO c\r\nMAIL FROM:<> SMTPUTF8\r\nRCPT TO:<\u212aarl@example.test>\r\n"
+                          "RCPT TO:<KARL@example.test>\r\n".encode())
+        self.assertEqual(lines[-2:], [
+            "550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup",
+            "250 2.1.5 Recipient OK"])
+        self.assertNotIn("\u212a", repr(self.directory.calls))
+
     def test_internal_relay_unchecked(self) -> None:
         """internal-relay domains are never looked up."""
         self.setup(accepted=VALIDATED)

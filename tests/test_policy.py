@@ -155,6 +155,19 @@ def test_authenticated_other_address_denied(sender: Mailbox) -> None:
     )
 
 
+def test_authenticated_kelvin_sign_is_not_k() -> None:
+    """
+    U+212A KELVIN SIGN lower-cases to "k", but a user may not send as a
+    look-alike of its own address spelt with it.
+    """
+    karl = AuthenticatedUser("karl", frozenset({"karl@example.test"}), frozenset())
+    for local in ("\u212aarl", "\u212aARL"):
+        assert _mail(Mailbox(local, "example.test"), AUTHENTICATED, karl) == (
+            replies.SEND_AS_DENIED
+        )
+    assert _mail(Mailbox("KARL", "example.test"), AUTHENTICATED, karl) == replies.MAIL_OK
+
+
 def test_authenticated_accept_any_sender() -> None:
     """accept-any-sender lifts the send-as check for authenticated users."""
     rights = AUTHENTICATED | {"accept-any-sender"}

@@ -12,7 +12,13 @@ from relaygw import replies
 from relaygw.accept.intake import Transaction
 from relaygw.interfaces import DirectoryUnavailable
 from relaygw.replies import Reply
-from relaygw.session.address import AddressError, Mailbox, parse_mail_from, parse_rcpt_to
+from relaygw.session.address import (
+    AddressError,
+    Mailbox,
+    folds_into_ascii,
+    parse_mail_from,
+    parse_rcpt_to,
+)
 from relaygw.session.state import Conversation, SessionState
 
 __all__ = ["EnvelopeCommands"]
@@ -108,7 +114,8 @@ class EnvelopeCommands:
         assert lookup is not None
         address = f"{recipient.local}@{recipient.routing_domain}"
         try:
-            exists = await lookup.exists(address)
+            # The lookup compares lower-cased: never let a Kelvin sign pass for "k".
+            exists = not folds_into_ascii(address) and await lookup.exists(address)
         except DirectoryUnavailable as error:
             _log.error("recipient lookup failed: {problem}", problem=str(error),
                        event="receive.lookup-failed", **s.fields())

@@ -15,6 +15,11 @@ Decisions the RFCs leave open, taken the strict way:
     local postmaster yet).
   - IP literals (C{[192.0.2.1]}, C{[IPv6:2001:db8::1]}) are accepted as written
     and validated; other address-literal tags are refused.
+  - A non-ASCII domain label must be in its IDNA canonical form: one that
+    IDNA maps to another name (U+212A KELVIN SIGN to C{k}, U+017F LONG S or
+    U+00DF to C{s}/C{ss}, fullwidth letters to ASCII, U+0130 or a decomposed
+    accent to another form) is refused, so that no normalisation can make a
+    look-alike an accepted domain, nor deliver it to the name DNS would give.
 
 Device tolerance: a space after the colon (C{MAIL FROM: <a@b>}) and a path
 without angle brackets (C{RCPT TO:a@b}) are accepted.  Non-ASCII is allowed
@@ -25,7 +30,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import string
 import unicodedata
+from encodings import idna
 
 from attrs import frozen
 
@@ -33,7 +40,7 @@ from relaygw import replies
 from relaygw.quoting import UnbalancedQuote, unquoted
 from relaygw.replies import Reply
 
-__all__ = ["AddressError", "Mailbox", "parse_mail_from", "parse_rcpt_to"]
+__all__ = ["AddressError", "Mailbox", "folds_into_ascii", "parse_mail_from", "parse_rcpt_to"]
 
 _MAX_ADDRESS_OCTETS = 254
 _MAX_LOCAL_OCTETS = 64
@@ -45,6 +52,7 @@ _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
 _ASCII_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 #: A label of ASCII letters, digits, "-" and "_" (the slower check covers Unicode).
 _ASCII_LABEL = re.compile(r"[A-Za-z0-9_-]+\Z")
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 
 
 @frozen
@@ -275,8 +283,35 @@ def _check_domain(domain: str) -> None:
             raise _Bad("empty domain label")
         if len(label.encode("utf-8")) > _MAX_LABEL_OCTETS:
             raise _Bad("domain label too long")
-        if not (_ASCII_LABEL.match(label) or all(c.isalnum() or c in "-_" for c in label)):
+        if _ASCII_LABEL.match(label):
+            continue
+        if not all(c.isalnum() or c in "-_" for c in label):
             raise _Bad("bad character in domain")
+        if not _canonical_idn_label(label):
+            raise _Bad("domain label not in IDNA canonical form")
+
+
+def _canonical_idn_label(label: str) -> bool:
+    """
+    Whether IDNA (nameprep: NFKC and case folding) leaves a non-ASCII label
+    as it is, but for ASCII letter case.
+    """
+    try:
+        return idna.ToUnicode(idna.ToASCII(label)) == label.translate(_ASCII_LOWER)
+    except UnicodeError:
+        return False
+
+
+def folds_into_ascii(text: str) -> bool:
+    """
+    Whether lower-casing C{text} makes ASCII of a character that is not
+    (U+212A KELVIN SIGN gives C{k}, U+0130 gives C{i} and a combining dot):
+    such an address must not be compared, case-insensitively, with ASCII
+    ones (a directory lookup, the send-as check).
+    """
+    return not text.isascii() and any(
+        not c.isascii() and any(f.isascii() for f in c.lower()) for c in text
+    )
 
 
 def _check_literal(domain: str) -> None:

@@ -14,7 +14,7 @@ from relaygw import replies
 from relaygw.auth.user import AuthenticatedUser
 from relaygw.config._model import AcceptedDomain, Connector
 from relaygw.replies import Reply
-from relaygw.session.address import Mailbox
+from relaygw.session.address import Mailbox, folds_into_ascii
 
 __all__ = ["Policy"]
 
@@ -71,7 +71,8 @@ class Policy:
         null sender is then always allowed; C{accept-any-sender} allows any
         sender; an anonymous sender inside an accepted domain needs
         C{accept-authoritative-sender}; an authenticated user may send only
-        as one of its own addresses (case-insensitive).
+        as one of its own addresses (case-insensitive, but a character
+        outside ASCII never stands for an ASCII one: C{\\u212aarl} is not C{karl}).
 
         @param rights: the session's rights (L{relaygw.session.rights.session_rights}).
         @param user: the authenticated user, C{None} before AUTH.
@@ -92,7 +93,9 @@ class Policy:
                 return replies.SEND_AS_DENIED
             return replies.MAIL_OK
         address = f"{sender.local.lower()}@{sender.routing_domain}"
-        if address in {a.lower().rstrip(".") for a in user.addresses}:
+        if not folds_into_ascii(sender.local) and address in {
+            a.lower().rstrip(".") for a in user.addresses
+        }:
             return replies.MAIL_OK
         return replies.SEND_AS_DENIED
 
