@@ -15,7 +15,14 @@ when one is given so the reactor never waits.  Names are matched
 case-insensitively (like Active Directory's); addresses are lower-cased.
 The file is written atomically (temporary file, fsync, rename, directory
 fsync) with mode 0600, and re-read when its inode, size or modification
-time changes (checked, with one C{stat}, on every use).
+time changes (checked, with one C{stat}, on every use).  A replaced file
+(a new inode: relaygw's own writes, editors that save by rename) is used at
+once; a file changed in place (an editor writing over it, which may show
+it empty or half-written for a moment) once it has not changed for
+L{SETTLE} seconds.  Until then, and whenever a version cannot be read
+(logged once, with file and line), the last good version stays in use, so
+that users the edit leaves alone never see a 535 (which would also count
+against the AUTH throttle).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import hashlib
 import hmac
 import json
 import os
+import time
 from base64 import b64decode, b64encode
 from collections.abc import Iterable
 from pathlib import Path
@@ -56,6 +64,8 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
+#: Seconds a file changed in place must stay unchanged before it is used.
+SETTLE = 1.0
 _N, _R, _P = 2**14, 8, 1
 _MAXMEM = 64 * 1024 * 1024
 #: glibc's mallopt parameter number of M_MMAP_THRESHOLD.
@@ -276,10 +286,12 @@ class UsersFile:
         *,
         reactor: IReactorFromThreads | None = None,
         threadpool: ThreadPool | None = None,
+        now: Callable[[], float] = time.time,
     ) -> None:
         """
         @param reactor: with C{threadpool}, where scrypt runs (off the
             reactor thread); without them it runs inline (the CLI).
+        @param now: the wall clock the file's modification time is compared with.
         """
         self.path = path
         self._reactor = reactor
@@ -288,24 +300,42 @@ class UsersFile:
             _return_large_buffers()
         self._users: dict[str, UserEntry] = {}
         self._stamp: tuple[int, int, int] | None = None
+        self._now = now
 
-    def _current(self) -> dict[str, UserEntry]:
+    def _stat(self) -> tuple[int, int, int]:
         try:
             st = os.stat(self.path)
-            stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
         except FileNotFoundError:
-            stamp = (0, 0, 0)
-        if stamp != self._stamp:
-            try:
-                users = read_users(self.path)
-            except UsersFileError as error:
-                self._log.error("users file not reloaded: {problem}", problem=str(error))
-            else:
-                if self._stamp is not None:
-                    self._log.info("users file {path} reloaded: {count} user(s)",
-                                   path=str(self.path), count=len(users))
-                self._users = users
+            return (0, 0, 0)
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _current(self) -> dict[str, UserEntry]:
+        stamp = self._stat()
+        if stamp == self._stamp:
+            return self._users
+        if self._stamp is not None and stamp[0] == self._stamp[0] and stamp[0]:
+            # Changed in place (same inode: an editor saving over the file,
+            # not a rename): it may be half-written.  Keep the last good
+            # version until the file has been quiet for SETTLE seconds.
+            age = self._now() - stamp[2] / 1e9
+            if 0 <= age < SETTLE:
+                return self._users
+        try:
+            users = read_users(self.path)
+        except UsersFileError as error:
+            if self._stat() != stamp:
+                return self._users  # written while read: read it again next time
+            # Logged once per version (the stamp is kept), with file and line.
+            self._log.error("users file not reloaded, the previous version stays: {problem}",
+                            problem=str(error))
             self._stamp = stamp
+            return self._users
+        if self._stat() != stamp:
+            return self._users
+        if self._stamp is not None:
+            self._log.info("users file {path} reloaded: {count} user(s)",
+                           path=str(self.path), count=len(users))
+        self._users, self._stamp = users, stamp
         return self._users
 
     def _run(self, f: Callable[[], _T]) -> Deferred[_T]:
