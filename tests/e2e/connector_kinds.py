@@ -17,6 +17,14 @@ C{internal.test} (internal relay), all routed to the "inside" smarthost;
 every other domain goes to the default route, the "trap" smarthost.  Both
 are L{ScriptedSMTP} recorders, so the tests check the envelopes a real
 downstream server received, not only the gateway's replies.
+
+L{start} with C{extended=True} adds the kinds of L{EXTENDED_KINDS}: a PROXY
+binding (trusting only L{PROXY_SOURCE}, where a real HAProxy with
+C{send-proxy-v2} in front of it connects from) with "Proxied Frontend" and
+"Proxied Relay" (the trusted IP as the header gives it), and an implicit-TLS
+binding with "Implicit Submission" (anonymous C{submit} only, without
+C{accept-authoritative-sender}) and "Implicit Relay"; plus C{kiosk.test}
+(authoritative, C{validate_recipients}) and the user karl.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import attrs
 
 from relaygw.auth.usersfile import add_user
 from tests.e2e.conftest import gateway_toml
+from tests.servers.haproxy import Backend, HAProxy
 from tests.servers.ports import free_ports, wait_until
 from tests.servers.relaygw import RelaygwProcess
 from tests.servers.scripted_smtp import ScriptedSMTP, Transaction
@@ -41,12 +50,24 @@ KINDS = {
     "submission": ("Client Submission", 4),
     "relay": ("Anonymous Relay", 6),
 }
+#: Kind -> (connector name, max_recipients) of the C{extended} gateway's
+#: further connectors; the "proxied" kinds are reached through HAProxy.
+EXTENDED_KINDS = {
+    "proxied": ("Proxied Frontend", 5),
+    "proxied-relay": ("Proxied Relay", 6),
+    "implicit": ("Implicit Submission", 4),
+    "implicit-relay": ("Implicit Relay", 6),
+}
 TRUSTED_IP = "127.0.9.9"
+#: The one address the PROXY binding trusts: HAProxy's own source address.
+PROXY_SOURCE = "127.0.0.9"
 #: The address next to the trusted one: the Default Frontend's.
 NEIGHBOUR_IP = "127.0.9.10"
 #: (user, password, address); alice is in "Relay Users", bob in no group.
 ALICE = ("alice", "Al1ce-Relay-Battery", "alice@example.test")
 BOB = ("bob", "B0b-No-Relay-Right", "bob@example.test")
+#: The C{extended} gateway's user of the validated domain kiosk.test (no group).
+KARL = ("karl", "K4rl-Kiosk-Validated", "karl@kiosk.test")
 WRONG_PASSWORD = "not-the-password-9"
 
 OK_RCPT = (250, "2.1.5 Recipient OK")
@@ -60,7 +81,8 @@ _CONCURRENCY = 3
 _PROBE = re.compile(rb"^X-Probe: (\S+)\r?$", re.M)
 
 
-def _config(admin: int, default_port: int, submission_port: int, inside: int, trap: int) -> str:
+def _config(admin: int, default_port: int, submission_port: int, inside: int, trap: int,
+            extended: dict[str, int] | None = None) -> str:
     limits = {k: n for k, (_, n) in KINDS.items()}
     common = """message_rate_limit = "100000/m"
 max_connections_per_ip = 200
@@ -124,7 +146,52 @@ bindings = ["127.0.0.1:{default_port}"]
 remote_ranges = ["{TRUSTED_IP}"]
 permissions.anonymous = ["submit", "relay", "accept-any-sender"]
 max_recipients = {limits['relay']}
-{common}"""
+{common}""" + (_extended_config(common, **extended) if extended else "")
+
+
+def _extended_config(common: str, proxy: int, implicit: int) -> str:
+    """The C{extended} gateway's further domain and connectors (L{EXTENDED_KINDS})."""
+    limits = {k: n for k, (_, n) in EXTENDED_KINDS.items()}
+    proxied = common + f'proxy_protocol = true\ntrusted_proxies = ["{PROXY_SOURCE}"]\n'
+    implicit_tls = common.replace('tls = "starttls"', 'tls = "implicit"')
+    return f"""
+[[accepted_domains]]
+domain = "kiosk.test"
+route = "inside"
+validate_recipients = true
+
+[[connectors]]
+name = "{EXTENDED_KINDS['proxied'][0]}"
+bindings = ["127.0.0.1:{proxy}"]
+remote_ranges = ["127.0.0.0/8"]
+allow_plaintext_auth = true
+permissions.anonymous = ["submit", "accept-authoritative-sender"]
+permissions.authenticated = ["submit", "relay"]
+max_recipients = {limits['proxied']}
+{proxied}
+[[connectors]]
+name = "{EXTENDED_KINDS['proxied-relay'][0]}"
+bindings = ["127.0.0.1:{proxy}"]
+remote_ranges = ["{TRUSTED_IP}"]
+permissions.anonymous = ["submit", "relay", "accept-any-sender"]
+max_recipients = {limits['proxied-relay']}
+{proxied}
+[[connectors]]
+name = "{EXTENDED_KINDS['implicit'][0]}"
+bindings = ["127.0.0.1:{implicit}"]
+remote_ranges = ["127.0.0.0/8"]
+permissions.anonymous = ["submit"]
+permissions.authenticated = ["submit"]
+grants = [ {{ group = "Relay Users", rights = ["relay"] }} ]
+max_recipients = {limits['implicit']}
+{implicit_tls}
+[[connectors]]
+name = "{EXTENDED_KINDS['implicit-relay'][0]}"
+bindings = ["127.0.0.1:{implicit}"]
+remote_ranges = ["{TRUSTED_IP}"]
+permissions.anonymous = ["submit", "relay", "accept-any-sender"]
+max_recipients = {limits['implicit-relay']}
+{implicit_tls}"""
 
 
 @attrs.define
@@ -135,12 +202,20 @@ class Setup:
     ports: dict[str, int]
     inside: ScriptedSMTP
     trap: ScriptedSMTP
+    #: The HAProxy instances in front of the PROXY binding (C{extended}):
+    #: C{"v2"} (send-proxy-v2) and C{"v1"} (send-proxy).
+    haproxies: dict[str, HAProxy] = attrs.Factory(dict)
 
     def connect(self, kind: str, source: str | None = None) -> LineClient:
-        """A connection to the binding of connector C{kind}, after its 220 banner."""
+        """
+        A connection to the binding of connector C{kind} (the "proxied"
+        kinds through HAProxy, the "implicit" ones over TLS), after its
+        220 banner; from the trusted IP for the relay kinds by default.
+        """
         if source is None:
-            source = TRUSTED_IP if kind == "relay" else "127.0.0.1"
-        client = LineClient(self.ports[kind], source=source, timeout=15)
+            source = TRUSTED_IP if kind.endswith("relay") else "127.0.0.1"
+        tls = client_context() if kind.startswith("implicit") else None
+        client = LineClient(self.ports[kind], source=source, timeout=15, implicit_tls=tls)
         banner = client.reply()
         assert banner.code == 220, banner
         return client
@@ -168,22 +243,46 @@ class Setup:
                    what=f"{len(ids)} probe(s) to arrive downstream")  # fmt: skip
 
 
-def start(workdir: Path) -> Setup:
-    """Start the recorders and the gateway (users alice and bob in its users file)."""
+def start(workdir: Path, *, extended: bool = False) -> Setup:
+    """
+    Start the recorders and the gateway (users alice and bob in its users
+    file); with C{extended}, also the L{EXTENDED_KINDS} connectors, karl, and
+    the two HAProxy instances in front of the PROXY binding.  The port of
+    kind C{"proxy-direct"} is that binding itself (no HAProxy).
+    """
     inside = ScriptedSMTP(lambda _: None).start()
     trap = ScriptedSMTP(lambda _: None).start()
-    default_port, submission_port, admin = free_ports(3)
+    default_port, submission_port, admin, proxy, implicit, front, front_v1 = free_ports(7)
+    more = {"proxy": proxy, "implicit": implicit} if extended else None
+    listening = [default_port, submission_port] + ([proxy, implicit] if extended else [])
     gw = RelaygwProcess(workdir, _config(admin, default_port, submission_port, inside.port,
-                                         trap.port), ports=[default_port, submission_port])
-    for (user, password, address), groups in ((ALICE, ["Relay Users"]), (BOB, [])):
+                                         trap.port, more), ports=listening)
+    users = [(ALICE, ["Relay Users"]), (BOB, [])] + ([(KARL, [])] if extended else [])
+    for (user, password, address), groups in users:
         add_user(workdir / "users", user, password, [address], groups)
     gw.start()
     ports = {"default": default_port, "submission": submission_port, "relay": default_port}
-    return Setup(gw, ports, inside, trap)
+    setup = Setup(gw, ports, inside, trap)
+    if extended:
+        ports.update({"proxied": front, "proxied-relay": front, "proxied-v1": front_v1,
+                      "proxy-direct": proxy, "implicit": implicit, "implicit-relay": implicit})
+        try:
+            for version, port in (("v2", front), ("v1", front_v1)):
+                # No health check: every connection to the binding is a client's.
+                setup.haproxies[version] = HAProxy(
+                    workdir / f"haproxy-{version}", port, [Backend(proxy)],
+                    proxy=version, check=None, source=PROXY_SOURCE,
+                ).start()
+        except BaseException:
+            stop(setup)
+            raise
+    return setup
 
 
 def stop(setup: Setup) -> None:
-    """Stop the gateway (by PID), then the recorders; print the gateway's output tail."""
+    """Stop HAProxy and the gateway (by PID), then the recorders; print the gateway's output tail."""
+    for haproxy in setup.haproxies.values():
+        haproxy.stop()
     setup.gateway.stop(timeout=10)
     setup.inside.stop()
     setup.trap.stop()
