@@ -26,6 +26,7 @@ import attrs
 import pytest
 
 from tests.e2e import connector_kinds as K
+from tests.e2e import test_hostile_commands_e2e as H
 from tests.e2e.conftest import spool_entries
 from tests.e2e.test_relay_battery_e2e import (
     BAD,
@@ -50,6 +51,9 @@ pytestmark = [
 QUEUED: dict[str, tuple[str, str]] = {}
 #: Probe id -> (recorder, sender, recipients) of the sender tests' messages.
 SENT: dict[str, tuple[str, str, list[str]]] = {}
+#: Probe id -> what the recorders got, for the hostile-command tests run here
+#: (they check their own probes).
+HOSTILE: dict[str, list[tuple[str, list[str]]]] = {}
 #: Figures for the report: transactions tried and messages checked downstream.
 FIGURES = {"transactions": 0, "checked": 0}
 
@@ -182,6 +186,34 @@ def test_trusted_ip_never_granted_by_what_a_client_types(setup: K.Setup, kind: s
     assert client.command("QUIT").code == 221
     client.close()
     _expect(setup, probe, "inside", sender, [f"{probe}@example.test"])
+
+
+HOSTILE_TESTS = {
+    "starttls-injection": H.test_plaintext_pipelined_after_starttls_is_discarded,
+    "plaintext-before-handshake": H.test_plaintext_before_the_handshake_is_not_executed,
+    "after-quit": H.test_nothing_after_quit_is_executed,
+    "nul-and-8bit": H.test_nul_and_8bit_bytes_in_commands,
+    "recipient-limit": H.test_recipient_limit,
+}
+HOSTILE_CASES = [(test, kind) for test in HOSTILE_TESTS for kind in K.EXTENDED_KINDS
+                 if not (test.startswith(("starttls", "plaintext")) and kind.startswith("implicit"))]
+
+
+@pytest.mark.parametrize(("test", "kind"), HOSTILE_CASES, ids=[f"{t}-{k}" for t, k in HOSTILE_CASES])
+def test_hostile_commands_on_the_extended_kinds(setup: K.Setup, test: str, kind: str) -> None:
+    """
+    The hostile-command tests of L{tests.e2e.test_hostile_commands_e2e} on
+    the PROXY (through HAProxy) and implicit-TLS kinds: STARTTLS injection
+    (where STARTTLS exists), input after QUIT, NUL and 8-bit bytes in
+    commands, the recipient limit; each checks its recorders itself.
+    """
+    before = set(setup.probes())
+    HOSTILE_TESTS[test](setup, kind)
+    FIGURES["transactions"] += 1
+    for probe, delivered in setup.probes().items():
+        if probe not in before:
+            HOSTILE[probe] = [(name, t.accepted) for name, t in delivered]
+            FIGURES["checked"] += 1
 
 
 # -- 2. PROXY abuse ----------------------------------------------------------------
@@ -604,9 +636,10 @@ def test_nothing_else_reached_downstream(setup: K.Setup) -> None:
     assert "" not in seen, [t for _, t in seen[""]]
     expected = {p: (r, [e]) for p, (r, e) in QUEUED.items()}
     expected |= {p: (r, rcpts) for p, (r, _, rcpts) in SENT.items() if r}
-    assert set(seen) == set(expected)
+    assert set(seen) == set(expected) | set(HOSTILE)
     for probe, delivered in seen.items():
-        assert [(n, t.accepted) for n, t in delivered] == [expected[probe]], probe
+        got = [(n, t.accepted) for n, t in delivered]
+        assert got == (HOSTILE[probe] if probe in HOSTILE else [expected[probe]]), probe
     assert QUEUED and SENT
     assert setup.gateway.running()
     assert not K.gateway_tracebacks(setup)
