@@ -409,3 +409,22 @@ class BindFailoverTests(DirectoryTestCase):
         proxy.stop()
         user = await directory.authenticate("carol", "carolpw")
         assert user.name == "carol"
+
+
+def test_many_waiters_let_in_by_one_settle() -> None:
+    """
+    Three slow checks from one address hold 2,000 logins back; once the
+    directory answers at once (as a cached login settles within the call),
+    one settle lets them all through, one after another (a loop, not a
+    call stack as deep as the waiters).
+    """
+    gw = Gateway()
+    bob = gw.directory.users["bob"][1]
+    results = [gw.login("bob", "bobpw", "192.0.2.9") for _ in range(2003)]
+    assert len(gw.directory.held) == M
+    gw.directory.hold = False
+    gw.directory.held.pop(0).callback(bob)
+    assert sum(d.called for d in results) == 2003 - (M - 1)
+    gw.answer_all(bob)
+    assert outcomes(results) == ["success"] * 2003
+    assert gw.throttle.in_flight("ip:192.0.2.9") == 0

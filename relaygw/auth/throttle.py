@@ -89,6 +89,10 @@ class Throttle:
         self._remote: dict[int, dict[str, int]] = {}
         #: Logins waiting for a check in flight on the key to settle.
         self._waiting: dict[str, deque[_Waiter]] = {}
+        #: Waiters to try again, and whether that is being done (a loop, not
+        #: a recursion: a waiter let in may settle at once, a cached login).
+        self._woken: deque[_Waiter] = deque()
+        self._waking = False
         #: Told C{("failure" | "success", ip, username, account)} of each
         #: outcome here and C{("begin" | "end", *keys)} of each check in
         #: flight, for the other receiving processes (L{relaygw.session.peers}).
@@ -179,17 +183,23 @@ class Throttle:
         self._release(keys)
 
     def _release(self, keys: tuple[str, ...]) -> None:
-        woken: list[_Waiter] = []
         for key in keys:
             left = self._pending.get(key, 0) - 1
             if left > 0:
                 self._pending[key] = left
             else:
                 self._pending.pop(key, None)
-            woken.extend(self._waiting.pop(key, ()))
-        for waiter in woken:
-            if not waiter.result.called:  # not cancelled meanwhile
-                self._try(waiter)
+            self._woken.extend(self._waiting.pop(key, ()))
+        if self._waking:
+            return  # a waiter let in settled at once: the loop below takes the rest
+        self._waking = True
+        try:
+            while self._woken:
+                waiter = self._woken.popleft()
+                if not waiter.result.called:  # not cancelled meanwhile
+                    self._try(waiter)
+        finally:
+            self._waking = False
 
     def failure(self, ip: str, username: str, account: str = "") -> float:
         """
