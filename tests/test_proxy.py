@@ -296,6 +296,23 @@ class ProxiedSessionTests(SynchronousTestCase):
         self.assertEqual(session_of(protocol).state.client_ip, "192.0.2.10")
         self.assertEqual(session_of(protocol).connector.name, "Client")  # type: ignore[union-attr]
 
+    def test_second_v2_header_is_bad_lines_and_its_quit(self) -> None:
+        """
+        A v2 header inside the session is its signature's lines: two empty
+        ones and a NUL (500 5.3.3 each), then "QUIT" ended by a bare LF (221),
+        and nothing after it runs: never a new client address.
+        """
+        protocol, transport = self.proxy.connect()
+        protocol.dataReceived(b"PROXY TCP4 192.0.2.10 198.51.100.1 40000 25\r\n")
+        transport.clear()
+        protocol.dataReceived(v2_tcp4(PROXY_IP, "198.51.100.1", 40000, 25)
+                              + b"\r\nMAIL FROM:<>\r\nRCPT TO:<x@elsewhere.test>\r\n")
+        lines = reply_lines(transport.value())
+        self.assertEqual(lines[:3], ["500 5.3.3 Unrecognized command"] * 3)
+        self.assertEqual([line[:4] for line in lines[3:]], ["221 "])
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(session_of(protocol).state.client_ip, "192.0.2.10")
+
     def test_session_end_reaches_session(self) -> None:
         """After the header, the connection's end is the session's end."""
         protocol, transport = self.proxy.connect()
