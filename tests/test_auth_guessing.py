@@ -139,14 +139,47 @@ def test_parallel_logins_with_the_right_password_wait_and_all_succeed() -> None:
 
 
 def test_tempfail_settles_without_counting() -> None:
-    """A directory that does not answer (454) counts no failure and lets the waiting in."""
+    """
+    A directory that does not answer (454) counts no failure, and the logins
+    waiting behind its checks get 454 at once rather than wait for a
+    timeout each; the next login is checked again.
+    """
     gw = Gateway()
     results = [gw.login("printer", "whatever", ip(i)) for i in range(7)]
     assert gw.asked() == M
-    assert gw.answer_all(DirectoryUnavailable("down")) == 7
+    assert gw.answer_all(DirectoryUnavailable("down")) == M
     assert outcomes(results) == ["tempfail"] * 7
     assert all(fired(d).reply == replies.AUTH_TEMPFAIL for d in results)
     assert gw.throttle.failures(ip(0), "printer") == 0
+    assert gw.throttle.in_flight("user:printer") == 0
+    later = gw.login("printer", "whatever", ip(8))
+    assert gw.asked() == M + 1 and not later.called
+
+
+def test_only_an_unanswered_check_fails_the_waiting() -> None:
+    """
+    With max_failures = 1: a check refused as busy (its account's checks in
+    flight) lets the login waiting behind it in; a check the directory did
+    not answer gives the one waiting behind it 454.
+    """
+    throttle = Throttle(AuthThrottle(max_failures=1, delay=timedelta(0),
+                                     max_delay=timedelta(0)), Clock())  # fmt: skip
+    other = fired(throttle.admit("192.0.2.1", "alice"))
+    assert other.admit("CN=alice")
+    busy = fired(throttle.admit("192.0.2.2", "CORP\\alice"))
+    waiting = throttle.admit("192.0.2.2", "bob")
+    assert not waiting.called
+    assert not busy.admit("CN=alice") and busy.refused == "busy"
+    busy.tempfail()
+    let_in = fired(waiting)
+    assert isinstance(let_in, Attempt)
+    behind = throttle.admit("192.0.2.2", "carol")
+    let_in.tempfail(unavailable=True)
+    failures: list[Failure] = []
+    behind.addErrback(failures.append)
+    assert len(failures) == 1 and failures[0].check(DirectoryUnavailable)
+    other.success()
+    assert throttle.in_flight("ip:192.0.2.2") == throttle.in_flight("account:cn=alice") == 0
 
 
 def test_guesses_over_the_aliases_of_one_account_bind_max_failures_times() -> None:

@@ -18,7 +18,8 @@ waits while failures plus checks in flight reach C{max_failures} for its
 IP or user name, so N AUTHs arriving at once from N connections cannot all
 reach the directory before the first failure is counted; waiting, not
 refusing, because those in flight may succeed.  A tempfail (454) settles
-its check without counting.  The directory tells the throttle which
+its check without counting; when the directory did not answer, the logins
+waiting behind that check get 454 at once instead of a timeout each.  The directory tells the throttle which
 account (DN) a login name means before it binds (L{Attempt.admit}, the
 L{IAccountGate}): failures are counted per account as well, a throttled
 account is refused without a bind, and a check for an account whose
@@ -138,7 +139,8 @@ class Throttle:
         @return: a Deferred firing with C{None} when the IP or the user has
             C{max_failures} failures (answer 535 unasked), else with the
             L{Attempt} to settle once the check is done: at once, or when
-            enough of the checks in flight have settled.
+            enough of the checks in flight have settled; failing with
+            L{DirectoryUnavailable} when a check it waited for got no answer.
         """
         waiter = _Waiter(ip, username, Deferred())
         self._try(waiter)
@@ -177,19 +179,28 @@ class Throttle:
         if self.on_change is not None:
             self.on_change("begin", *keys)
 
-    def _end(self, keys: tuple[str, ...]) -> None:
+    def _end(self, keys: tuple[str, ...], unavailable: bool = False) -> None:
         if self.on_change is not None:
             self.on_change("end", *keys)
-        self._release(keys)
+        self._release(keys, unavailable)
 
-    def _release(self, keys: tuple[str, ...]) -> None:
+    def _release(self, keys: tuple[str, ...], unavailable: bool = False) -> None:
         for key in keys:
             left = self._pending.get(key, 0) - 1
             if left > 0:
                 self._pending[key] = left
             else:
                 self._pending.pop(key, None)
-            self._woken.extend(self._waiting.pop(key, ()))
+            waiters = self._waiting.pop(key, ())
+            if not unavailable:
+                self._woken.extend(waiters)
+                continue
+            # The directory just failed to answer: the logins waiting behind
+            # that check get 454 now rather than a timeout each, in turn.
+            for waiter in waiters:
+                if not waiter.result.called:
+                    waiter.result.errback(DirectoryUnavailable(
+                        "the directory did not answer a check made meanwhile"))
         if self._waking:
             return  # a waiter let in settled at once: the loop below takes the rest
         self._waking = True
@@ -340,10 +351,13 @@ class Attempt:
             self._throttle.success(self._ip, self._username, self._account)
             self._throttle._end(self._keys)
 
-    def tempfail(self) -> None:
-        """No answer (454): nothing counted."""
+    def tempfail(self, unavailable: bool = False) -> None:
+        """
+        No verdict (454): nothing counted.  C{unavailable}: the directory
+        did not answer, and the logins waiting behind this check get 454 too.
+        """
         if self._settle():
-            self._throttle._end(self._keys)
+            self._throttle._end(self._keys, unavailable)
 
 
 @frozen
@@ -395,45 +409,7 @@ async def _login(
     ip = credentials.client_ip
     name = credentials.username.decode("utf-8", "replace")
     shown = name if len(name) <= 256 and "\x00" not in name else name[:64] + "..."
-    attempt = await throttle.admit(ip, name)
-    if attempt is None:
-        result = LoginResult(replies.AUTH_FAILED, None, "throttled")
-        wait = throttle.failure(ip, name)
-        reason = "too many failures"
-    else:
-        # Settled whatever happens (a cancelled wait included): a check left
-        # in flight would hold its IP and user name for good.
-        try:
-            gated = evolve(credentials, gate=attempt)
-            _, avatar, _ = await portal.login(gated, None, IAuthenticatedUser)
-        except UnauthorizedLogin as error:
-            if attempt.refused == "busy":
-                attempt.tempfail()
-                result, wait = LoginResult(replies.AUTH_TEMPFAIL, None, "tempfail"), 0.0
-                reason = "other checks of this account in flight"
-            else:
-                throttled = attempt.refused == "throttled"
-                result = LoginResult(replies.AUTH_FAILED, None,
-                                     "throttled" if throttled else "failure")
-                wait = attempt.failure()
-                reason = "too many failures for the account" if throttled else str(error)
-        except DirectoryUnavailable as error:
-            attempt.tempfail()
-            result, wait, reason = LoginResult(replies.AUTH_TEMPFAIL, None, "tempfail"), 0.0, str(error)
-        except Exception:
-            attempt.tempfail()
-            _log.failure("AUTH check failed unexpectedly for {auth_user}", auth_user=shown, **fields)
-            result, wait, reason = LoginResult(replies.AUTH_TEMPFAIL, None, "tempfail"), 0.0, "error"
-        else:
-            attempt.success()
-            user = avatar if isinstance(avatar, AuthenticatedUser) else None
-            if user is None:
-                result = LoginResult(replies.AUTH_TEMPFAIL, None, "tempfail")
-            else:
-                result = LoginResult(replies.AUTH_OK, user, "success")
-            wait, reason = 0.0, ""
-        finally:
-            attempt.tempfail()  # no-op once settled above
+    result, wait, reason = await _decide(portal, throttle, credentials, ip, name, shown, fields)
     wait = min(wait, max_wait)
     if result.result == "success":
         _log.info("AUTH by {auth_user} from {peer} succeeded", event="auth.result",
@@ -444,3 +420,53 @@ async def _login(
     if wait > 0:
         await deferLater(clock, wait, lambda: None)
     return result
+
+
+_TEMPFAIL = LoginResult(replies.AUTH_TEMPFAIL, None, "tempfail")
+
+
+async def _decide(
+    portal: Portal,
+    throttle: Throttle,
+    credentials: Credentials,
+    ip: str,
+    name: str,
+    shown: str,
+    fields: dict[str, Any],
+) -> tuple[LoginResult, float, str]:
+    """The result, its delay in seconds and the reason logged for a failure."""
+    try:
+        attempt = await throttle.admit(ip, name)
+    except DirectoryUnavailable as error:
+        return _TEMPFAIL, 0.0, str(error)
+    if attempt is None:
+        wait = throttle.failure(ip, name)
+        return LoginResult(replies.AUTH_FAILED, None, "throttled"), wait, "too many failures"
+    # Settled whatever happens (a cancelled login included): a check left in
+    # flight would hold its IP and user name for good.
+    try:
+        _, avatar, _ = await portal.login(evolve(credentials, gate=attempt), None,
+                                          IAuthenticatedUser)
+    except UnauthorizedLogin as error:
+        if attempt.refused == "busy":
+            attempt.tempfail()
+            return _TEMPFAIL, 0.0, "other checks of this account in flight"
+        wait = attempt.failure()
+        if attempt.refused == "throttled":
+            return (LoginResult(replies.AUTH_FAILED, None, "throttled"), wait,
+                    "too many failures for the account")
+        return LoginResult(replies.AUTH_FAILED, None, "failure"), wait, str(error)
+    except DirectoryUnavailable as error:
+        attempt.tempfail(unavailable=True)
+        return _TEMPFAIL, 0.0, str(error)
+    except Exception:
+        attempt.tempfail()
+        _log.failure("AUTH check failed unexpectedly for {auth_user}", auth_user=shown, **fields)
+        return _TEMPFAIL, 0.0, "error"
+    else:
+        attempt.success()
+        if not isinstance(avatar, AuthenticatedUser):
+            return _TEMPFAIL, 0.0, "not a user"
+        return LoginResult(replies.AUTH_OK, avatar, "success"), 0.0, ""
+    finally:
+        attempt.tempfail()  # no-op once settled above
