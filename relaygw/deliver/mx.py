@@ -14,9 +14,11 @@ from __future__ import annotations
 import ipaddress
 import random
 import socket
+import string
 from collections.abc import Callable, Sequence
 from typing import cast
 
+import idna
 from attrs import frozen
 from twisted.internet.defer import Deferred, DeferredList, TimeoutError, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -170,11 +172,20 @@ def lookup_addresses(resolver: ResolverBase, host: str) -> Deferred[list[str]]:
     return Deferred.fromCoroutine(_addresses(resolver, host))
 
 
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
 def _ascii_domain(domain: str) -> str | None:
-    """The DNS form of a recipient domain (IDNA for Unicode names), C{None} when it has none."""
+    """
+    The DNS form of a recipient domain (IDNA 2008 for Unicode names, as
+    the session checked them: C{straße.de} is C{xn--strae-oqa.de}, not
+    IDNA 2003's C{strasse.de}), C{None} when it has none.
+    """
+    if domain.isascii():
+        return domain.lower()
     try:
-        return domain.encode("idna").decode("ascii").lower()
-    except UnicodeError:
+        return idna.encode(domain.translate(_ASCII_LOWER)).decode("ascii")
+    except idna.IDNAError:
         return None
 
 

@@ -32,8 +32,8 @@ import ipaddress
 import re
 import string
 import unicodedata
-from encodings import idna
 
+import idna
 from attrs import frozen
 
 from relaygw import replies
@@ -293,13 +293,16 @@ def _check_domain(domain: str) -> None:
 
 def _canonical_idn_label(label: str) -> bool:
     """
-    Whether IDNA (nameprep: NFKC and case folding) leaves a non-ASCII label
-    as it is, but for ASCII letter case.
+    Whether a non-ASCII label is valid IDNA 2008 as written, but for ASCII
+    letter case: no mapping (UTS 46 is off), so a character that NFKC or
+    case folding would turn into another (fullwidth, long s, Kelvin sign,
+    a capital) is refused rather than quietly taken for its image.
     """
     try:
-        return idna.ToUnicode(idna.ToASCII(label)) == label.translate(_ASCII_LOWER)
-    except UnicodeError:
+        idna.encode(label.translate(_ASCII_LOWER))
+    except idna.IDNAError:
         return False
+    return True
 
 
 def folds_into_ascii(text: str) -> bool:

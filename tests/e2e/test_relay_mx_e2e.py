@@ -42,6 +42,9 @@ RECORDS = (
     ("host-record", f"mx.mxtrap.test,{MX_TRAP}"),
     ("mx-host", "mxinside.test,mx.mxinside.test,10"),
     ("host-record", f"mx.mxinside.test,{MX_INSIDE}"),
+    # straße.test in IDNA 2008; IDNA 2003 would give strasse.test instead.
+    ("mx-host", "xn--strae-oqa.test,mx.mxtrap.test,10"),
+    ("mx-host", "strasse.test,mx.mxinside.test,10"),
 )
 SENDER = "scanner@mxinside.test"
 _PROBE = re.compile(rb"^X-Probe: (\S+)\r?$", re.M)
@@ -285,6 +288,22 @@ def test_lookalikes_never_reach_the_name_idna_gives(mx: MXSetup) -> None:
     mx.drained()
     assert not [p for p in mx.probes() if p.startswith("lookalike/")]
     assert mx.recorders["mx-inside"].transactions() == []
+
+
+def test_idn_goes_to_its_idna2008_name(mx: MXSetup) -> None:
+    """
+    A canonical IDN with a sharp s is relayed to the MX of its IDNA 2008
+    name (xn--strae-oqa.test, the mxtrap recorder), never to the MX of the
+    name IDNA 2003 maps it to (strasse.test, the mxinside recorder).
+    """
+    with _session(mx, K.TRUSTED_IP) as client:
+        assert _send(client, "bob@stra\u00dfe.test", "idn-sharp-s", utf8=True) == K.OK_RCPT
+        assert client.command("QUIT").code == 221
+    QUEUED["idn-sharp-s"] = ("mx-trap", ["bob@stra\u00dfe.test"])
+    wait_until(lambda: "idn-sharp-s" in mx.probes(), 30, 0.1, what="the IDN message at its MX")
+    assert [(n, t.accepted) for n, t in mx.probes()["idn-sharp-s"]] == [
+        ("mx-trap", ["bob@stra\u00dfe.test"])]
+    FIGURES["checked"] += 1
 
 
 def test_nothing_else_reached_downstream(mx: MXSetup) -> None:
