@@ -39,6 +39,19 @@ def test_blocked_per_user_case_insensitive() -> None:
     assert throttle.blocked("198.51.100.1", "PRINTER")
 
 
+def test_user_names_the_users_file_folds_together_share_a_count() -> None:
+    """
+    The users file finds a name by its case fold, so the throttle counts by
+    it too: C{\u017fcan} (long s) logs in as C{scan} and must not get
+    a count of its own.
+    """
+    throttle, _ = make()
+    for i, name in enumerate(("\u017fcan", "SCAN", "scan")):
+        throttle.failure(f"192.0.2.{i}", name)
+    assert throttle.blocked("198.51.100.1", "scan")
+    assert throttle.blocked("198.51.100.1", "\u017fcan")
+
+
 def test_delay_doubles_and_is_capped() -> None:
     """The delay is delay * 2**(failures-1), capped at max_delay."""
     throttle, _ = make()

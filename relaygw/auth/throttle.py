@@ -1,7 +1,7 @@
 """
 AUTH throttling and the guarded login a session runs for each AUTH.
 
-Failures are counted per client IP and per user name (lower-cased) in a
+Failures are counted per client IP and per user name (case-folded) in a
 window that starts at the first failure and lasts C{window}.  Once either
 count reaches C{max_failures}, AUTH is answered 535 without asking the
 directory, so a misconfigured printer cannot lock the Active Directory
@@ -101,7 +101,7 @@ class Throttle:
 
     @staticmethod
     def _keys(ip: str, username: str) -> tuple[str, str]:
-        return f"ip:{ip}", f"user:{username.lower()}"
+        return f"ip:{ip}", f"user:{username.casefold()}"
 
     @staticmethod
     def _account(account: str) -> str:
