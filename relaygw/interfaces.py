@@ -237,15 +237,16 @@ class IAccountGate(Interface):
     C{EXAMPLE\\alice}, C{alice@corp}, its mail address) cannot lock it.
     """
 
-    def admit(account: str) -> bool:
+    def admit(account: str) -> bool | Deferred[bool]:
         """
         Called on the reactor thread (a directory in a thread pool uses
-        C{blockingCallFromThread}) after the account was found and before
-        any bind as it; asking again for the same account (a failover) gives
-        the same answer and counts once.
+        C{blockingCallFromThread}, which waits for a Deferred) after the
+        account was found and before any bind as it; asking again for the
+        same account (a failover) gives the same answer and counts once.
 
         @param account: the account's stable identity (its DN).
-        @return: C{False}: do not bind; refuse the login with
+        @return: C{False}, or a Deferred firing with it (a receiving worker
+            asks the gateway process): do not bind; refuse the login with
             L{twisted.cred.error.UnauthorizedLogin} (the gate knows why).
         """
 

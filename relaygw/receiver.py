@@ -64,7 +64,7 @@ class _Parent(LineOnlyReceiver):
 
     delimiter = b"\n"
 
-    def __init__(self, apply: Callable[[bytes], None], gone: Deferred[None]) -> None:
+    def __init__(self, apply: Callable[[bytes], object], gone: Deferred[None]) -> None:
         self._apply = apply
         self._gone = gone
 
@@ -103,9 +103,11 @@ async def _serve(
         # Beside the log records, in the same turn's write (whole lines).
         out.write_now(PEER_MARK.decode() + line.decode() + "\n")
 
-    stdio.StandardIO(_Parent(service.share_limits(tell_parent), gone), stdout=os.open(os.devnull, os.O_WRONLY),  # type: ignore[call-arg,no-untyped-call]
+    peers = service.share_limits(tell_parent)
+    stdio.StandardIO(_Parent(peers.apply, gone), stdout=os.open(os.devnull, os.O_WRONLY),  # type: ignore[call-arg,no-untyped-call]
                      reactor=reactor)
     await gone
+    peers.close()  # the AUTHs waiting for the gateway's answer get 454
     if service.running:  # not already stopping on SIGTERM
         _log.info("receiving worker: the gateway is gone, stopping")
 

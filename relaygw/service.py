@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from relaygw.ops.protolog import ProtocolLog
     from relaygw.ops.tracking import TrackingLog
     from relaygw.session.factory import SessionFactory
+    from relaygw.session.peers import PeerLimits
     from relaygw.spool.store import DirectorySpool
     from relaygw.events import TwistdCopy
     from relaygw.workers import ReceiveWorkers
@@ -371,10 +372,10 @@ class RelayGatewayService(MultiService):
                     count=self._workers_wanted - 1,
                     fds=lambda: [cast(Any, port).fileno() for port in self._ports],
                     on_queued=delivery.notify,
-                    on_peer=lambda line: factory.peers.apply(line) if factory.peers else None,
+                    on_peer=lambda line: factory.peers.apply(line) if factory.peers else False,
                     publisher=self._log_publisher, stop_grace=self._stop_grace + 5,
                 )
-                factory.share_limits(os.getpid(), self._workers.broadcast)
+                factory.share_limits(os.getpid(), self._workers.broadcast, decides=True)
                 self._workers.startService()
         factory.doStart()  # type: ignore[no-untyped-call]
         # PROXY bindings read the header before the session starts (SPEC section 2).
@@ -387,14 +388,14 @@ class RelayGatewayService(MultiService):
             "relaygw ready: accepting connections on {count} socket(s)", count=len(self._ports)
         )
 
-    def share_limits(self, send: Callable[[bytes], None]) -> Callable[[bytes], None]:
+    def share_limits(self, send: Callable[[bytes], None]) -> PeerLimits:
         """
         A receiving worker's limits, shared with the other processes
-        (L{relaygw.session.peers}): its changes go to C{send}; returns
-        what takes theirs.
+        (L{relaygw.session.peers}): its changes go to C{send}; the returned
+        object's C{apply} takes theirs.
         """
         assert self._factory is not None, "not started"
-        return self._factory.share_limits(os.getpid(), send).apply
+        return self._factory.share_limits(os.getpid(), send)
 
     def reload(self) -> Deferred[bool]:
         """

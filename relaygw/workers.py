@@ -22,8 +22,11 @@ the workers instead, since their sockets are inherited) and stops them with
 SIGTERM (each drains its sessions like the parent).  A worker that dies is
 restarted with backoff; the end of its stdin (the parent killed) stops it.
 
-Per-process, as in Postfix without anvil: connection counts, rate limits and
-AUTH throttling are counted by each receiving process on its own.
+Connection counts, rate limits and AUTH throttling are shared by the
+receiving processes through these pipes (L{relaygw.session.peers}): each
+process's changes reach the parent, which applies them and relays them to
+the other workers; the parent's throttle admits every process's AUTH
+checks.
 """
 
 from __future__ import annotations
@@ -103,7 +106,7 @@ class ReceiveWorkers(Service):
         count: int,
         fds: Callable[[], Sequence[int]],
         on_queued: Callable[[str], None],
-        on_peer: Callable[[bytes], None] = lambda line: None,
+        on_peer: Callable[[bytes], object] = lambda line: True,
         publisher: ILogObserver = globalLogPublisher,
         python: str = sys.executable,
         stop_grace: float = 35.0,
@@ -114,7 +117,8 @@ class ReceiveWorkers(Service):
         @param on_queued: called with the queue id of each message a worker
             committed (the delivery process is told).
         @param on_peer: takes a worker's shared-limits change
-            (L{relaygw.session.peers}); it is also relayed to the other workers.
+            (L{relaygw.session.peers}); unless it returns C{False} (a change
+            for this process only), it is also relayed to the other workers.
         @param publisher: where the workers' log events are re-published.
         @param stop_grace: seconds a stopping worker gets before it is killed
             (its own session drain is bounded a little below).
@@ -145,8 +149,8 @@ class ReceiveWorkers(Service):
                 worker.transport.write(line + b"\n")
 
     def _peer(self, worker: _Worker, line: bytes) -> None:
-        self._on_peer(line)
-        self.broadcast(line, besides=worker)
+        if self._on_peer(line) is not False:
+            self.broadcast(line, besides=worker)
 
     def reload(self) -> None:
         """SIGHUP each worker: it loads the configuration again."""

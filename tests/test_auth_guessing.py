@@ -17,6 +17,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -51,8 +52,8 @@ ALIASES = ("alice", "CORP\\alice", "alice@corp.test", "alice.smith@example.test"
 class Gateway:
     """One connector's throttle and portal over the recording directory."""
 
-    def __init__(self, settings: AuthThrottle = SETTINGS) -> None:
-        self.clock = Clock()
+    def __init__(self, settings: AuthThrottle = SETTINGS, clock: Clock | None = None) -> None:
+        self.clock = clock or Clock()
         self.directory = RecordingDirectory()
         self.directory.hold = True
         self.directory.add(ACCOUNT, "right")
@@ -256,54 +257,258 @@ def test_an_attempt_is_an_account_gate_settled_once() -> None:
 # -- receiving processes -----------------------------------------------------------
 
 
-class _Process:
-    def __init__(self, pid: int, clock: Clock, outbox: list[tuple[int, bytes]]) -> None:
-        self.throttle = Throttle(SETTINGS, clock)
-        self.peers = PeerLimits(pid, lambda line: outbox.append((pid, line)),
-                                lambda kind, name: self.throttle if name == "C" else None)
-        self.peers.attach("C", self.throttle)
-
-
-def _deliver(outbox: list[tuple[int, bytes]], *processes: _Process) -> None:
-    while outbox:
-        origin, line = outbox.pop(0)
-        for p in processes:
-            if p.peers.origin != origin:
-                p.peers.apply(line)
-
-
-def test_checks_in_flight_are_shared_by_the_receiving_processes() -> None:
+class Processes:
     """
-    Three checks for "scan" in flight in one process make another process's
-    login for "scan" wait; their failures then throttle it there.  A process
-    that ends takes its checks in flight with it.
+    The gateway process (C{procs[0]}, which decides admissions) and its
+    workers, each with its own directory fake and throttle for connector
+    "C", joined as L{relaygw.workers} joins them: a worker's line goes up
+    its pipe to the gateway, which applies it and relays what is for every
+    process down the others' pipes; the gateway's own lines go down every
+    pipe.  Lines wait in the pipes until L{pump} (one hop each) or L{settle}.
     """
-    clock = Clock()
-    outbox: list[tuple[int, bytes]] = []
-    a, b = _Process(1, clock, outbox), _Process(2, clock, outbox)
-    attempts = [fired(a.throttle.admit(f"10.0.0.{i}", "scan")) for i in range(M)]
-    for attempt in attempts:
-        assert attempt.admit("uid=scan,dc=x")
-    _deliver(outbox, a, b)
-    waiting = b.throttle.admit("10.0.1.1", "SCAN")
-    assert not waiting.called
-    assert b.throttle.in_flight("account:uid=scan,dc=x") == M
-    for attempt in attempts:
-        attempt.failure()
-    _deliver(outbox, a, b)
-    assert fired(waiting) is None  # throttled: 535 unasked
-    assert b.throttle.in_flight("user:scan") == 0
-    assert b.throttle.blocked("10.9.9.9", "scan")
 
-    c = _Process(3, clock, outbox)
-    fired(c.throttle.admit("10.0.2.1", "other"))
-    fired(c.throttle.admit("10.0.2.2", "other"))
-    fired(c.throttle.admit("10.0.2.3", "other"))
-    _deliver(outbox, a, b, c)
-    later = a.throttle.admit("10.0.2.9", "other")
-    assert not later.called
-    a.peers.apply(PeerLimits.forget_message(3))
-    assert isinstance(fired(later), Attempt)
+    def __init__(self, n: int, settings: AuthThrottle = SETTINGS) -> None:
+        self.clock = Clock()
+        self.procs = [Gateway(settings, self.clock) for _ in range(n)]
+        self.up: list[deque[bytes]] = [deque() for _ in range(n)]
+        self.down: list[deque[bytes]] = [deque() for _ in range(n)]
+        self.lines = 0
+        self.peers: list[PeerLimits] = []
+        for i, proc in enumerate(self.procs):
+            send = self._broadcast if i == 0 else self.up[i].append
+            peers = PeerLimits(100 + i, send, self._lookup(proc), decides=i == 0)
+            peers.attach("C", proc.throttle)
+            self.peers.append(peers)
+
+    @staticmethod
+    def _lookup(proc: Gateway) -> Any:
+        return lambda kind, name: proc.throttle if name == "C" else None
+
+    def _broadcast(self, line: bytes, besides: int = 0) -> None:
+        for i in range(1, len(self.procs)):
+            if i != besides:
+                self.down[i].append(line)
+
+    def pump(self) -> None:
+        """Every line now in a pipe crosses it (those it causes wait for the next pump)."""
+        ups = [list(q) for q in self.up]
+        downs = [list(q) for q in self.down]
+        for q in (*self.up, *self.down):
+            q.clear()
+        for i, lines in enumerate(ups):
+            for line in lines:
+                self.lines += 1
+                if self.peers[0].apply(line):
+                    self._broadcast(line, besides=i)
+        for i, lines in enumerate(downs):
+            for line in lines:
+                self.lines += 1
+                self.peers[i].apply(line)
+
+    def settle(self) -> None:
+        for _ in range(1000):
+            if not any(self.up) and not any(self.down):
+                return
+            self.pump()
+        raise AssertionError("the pipes never emptied")
+
+    def asked(self, what: str = "authenticate") -> int:
+        return sum(proc.asked(what) for proc in self.procs)
+
+    def answer_all(self, value: Any) -> int:
+        """Answer every held directory call, in every process, until none is left."""
+        answered = 0
+        while True:
+            self.settle()
+            now = sum(proc.answer_all(value) for proc in self.procs)
+            if not now:
+                return answered
+            answered += now
+
+
+def test_guesses_spread_over_three_processes_reach_the_directory_max_failures_times() -> None:
+    """
+    The strict bound across receiving processes: 20 wrong passwords for one
+    user at once in each of three processes (60 sources) make exactly
+    max_failures checks in all, however the pipes interleave; the other 57
+    are 535 unasked; the failures are counted in every process.
+    """
+    ps = Processes(3)
+    results = [proc.login("printer", "wrong", ip(k * 20 + i))
+               for i in range(20) for k, proc in enumerate(ps.procs)]  # fmt: skip
+    assert ps.asked() <= M  # the gateway's own, decided at once
+    ps.pump()  # the workers' asks reach the gateway ...
+    ps.pump()  # ... and its answers them
+    assert ps.asked() == M
+    assert ps.procs[0].throttle.in_flight("user:printer") == M
+    assert ps.answer_all(UnauthorizedLogin("wrong password")) == M
+    assert ps.asked() == M
+    assert sorted(outcomes(results)) == ["failure"] * M + ["throttled"] * (60 - M)
+    assert all(proc.throttle.blocked("198.51.100.1", "printer") for proc in ps.procs)
+    assert ps.procs[0].throttle.in_flight("user:printer") == 0
+    print(f"3 processes, 60 guesses: {ps.asked()} checks, {ps.lines} pipe lines")
+
+
+def test_a_right_password_gets_in_once_the_checks_settle() -> None:
+    """
+    Wrong passwords for bob in the gateway and one worker and his right
+    password in the other are in flight (max_failures of them), while bob's
+    right password waits in the first worker: the success clears bob's
+    counts in every process and lets the waiting login in, which succeeds
+    though the two wrong ones failed meanwhile.  After a burst has
+    throttled bob, his right password gets in once the window has passed.
+    """
+    ps = Processes(3)
+    g, w1, w2 = ps.procs
+    wrong = [g.login("bob", "wrong", ip(1)), w1.login("bob", "wrong", ip(2))]
+    right = w2.login("bob", "bobpw", ip(3))
+    ps.settle()
+    waiting = w1.login("bob", "bobpw", ip(4))
+    ps.settle()
+    assert ps.asked() == M and not waiting.called
+    w2.directory.held.pop(0).callback(w2.directory.users["bob"][1])
+    ps.settle()
+    assert fired(right).result == "success"
+    assert all(proc.throttle.failures(ip(9), "bob") == 0 for proc in ps.procs)
+    assert ps.asked() == M + 1  # let in
+    g.directory.held.pop(0).errback(UnauthorizedLogin("wrong password"))
+    w1.directory.held.pop(0).errback(UnauthorizedLogin("wrong password"))
+    ps.settle()
+    assert outcomes(wrong) == ["failure", "failure"] and not waiting.called
+    w1.directory.held.pop(0).callback(w1.directory.users["bob"][1])
+    ps.settle()
+    assert fired(waiting).result == "success"
+
+    burst = [proc.login("bob", "wrong", ip(20 + k * 10 + i))
+             for i in range(10) for k, proc in enumerate(ps.procs)]  # fmt: skip
+    ps.answer_all(UnauthorizedLogin("wrong password"))
+    assert set(outcomes(burst)) <= {"failure", "throttled"}
+    assert fired(w1.login("bob", "bobpw", ip(90))).result == "throttled"
+    ps.clock.advance(SETTINGS.window.total_seconds())
+    for proc in ps.procs:
+        proc.directory.hold = False
+    late = w2.login("bob", "bobpw", ip(91))
+    ps.settle()
+    assert fired(late).result == "success"
+
+
+def test_guesses_over_an_accounts_names_in_several_processes_bind_max_failures_times() -> None:
+    """
+    Four names of one account, two guesses each, in each of three processes
+    at once: the account is bound max_failures times in all (the account
+    gate of a worker asks the gateway); the others get 454 or 535.
+    """
+    ps = Processes(3)
+    results = [proc.login(alias, "wrong", ip(n * 10 + k * 3 + i))
+               for n, alias in enumerate(ALIASES) for k, proc in enumerate(ps.procs)
+               for i in range(2)]  # fmt: skip
+    ps.settle()
+    assert ps.asked("bind") == M
+    assert ps.procs[0].throttle.in_flight("account:" + ACCOUNT.lower()) == M
+    ps.answer_all(UnauthorizedLogin("wrong password"))
+    assert ps.asked("bind") == M
+    got = outcomes(results)
+    assert got.count("failure") == M and set(got) <= {"failure", "tempfail", "throttled"}
+    for proc in ps.procs:
+        later = proc.login("alice.smith@example.test", "right", "198.51.100.1")
+        ps.settle()
+        assert fired(later).reply == replies.AUTH_FAILED
+    assert ps.asked("bind") == M
+    assert ps.procs[0].throttle.in_flight("account:" + ACCOUNT.lower()) == 0
+
+
+def test_a_worker_that_ends_takes_its_checks_and_waits_with_it() -> None:
+    """
+    A worker's three checks in flight hold "scan" for everybody, and its
+    further logins wait at the gateway; once the gateway says the worker
+    ended (forget), another process's login for "scan" is checked, and the
+    dead worker's waits are never admitted.
+    """
+    ps = Processes(3)
+    g, w1, w2 = ps.procs
+    for i in range(M + 2):
+        w1.login("scan", "wrong", ip(i))
+    ps.settle()
+    assert w1.asked() == M
+    later = w2.login("scan", "wrong", ip(50))
+    ps.settle()
+    assert not later.called and w2.asked() == 0
+    ps.up[1].clear()  # the worker died: what it wrote last is lost with it
+    forget = PeerLimits.forget_message(ps.peers[1].origin)
+    ps.peers[0].apply(forget)
+    ps._broadcast(forget, besides=1)
+    ps.settle()
+    assert w2.asked() == 1
+    assert g.throttle.in_flight("user:scan") == 1  # w2's check only
+    w2.answer_all(UnauthorizedLogin("wrong password"))
+    ps.settle()
+    assert fired(later).result == "failure"
+    assert g.throttle.in_flight("user:scan") == 0 and w1.asked() == M
+
+
+def test_a_login_given_up_before_its_answer_leaves_nothing_in_flight() -> None:
+    """
+    A worker's login cancelled while the gateway has not answered yet (the
+    client went away): the gateway's "go" is handed back at once, never
+    checked; nothing stays in flight.
+    """
+    ps = Processes(2)
+    g, w = ps.procs
+    d = w.login("bob", "bobpw", ip(1))
+    d.cancel()
+    d.addErrback(lambda failure: None)
+    ps.settle()
+    assert w.asked() == 0
+    assert g.throttle.in_flight("user:bob") == g.throttle.in_flight(f"ip:{ip(1)}") == 0
+
+
+def test_an_ask_for_a_connector_the_gateway_lacks_is_tempfailed() -> None:
+    """During a reload the gateway may not know a worker's connector yet: 454, never a hang."""
+    ps = Processes(2)
+    g, w = ps.procs
+    ps.peers[0]._lookup = lambda kind, name: None
+    d = w.login("bob", "bobpw", ip(1))
+    ps.settle()
+    assert fired(d).reply == replies.AUTH_TEMPFAIL and w.asked() == 0
+
+
+def test_asks_left_unanswered_when_the_gateway_is_gone_are_tempfailed() -> None:
+    """
+    The gateway process died (the worker's stdin ended: close): the logins
+    waiting for its answer get 454, an account gate waiting for it says no
+    (a directory thread would wait for good), and so do later asks.
+    """
+    ps = Processes(2)
+    w = ps.procs[1]
+    admitted = w.login("alice", "wrong", ip(2))
+    ps.pump()
+    ps.pump()  # admitted: the directory found her account and asks about it
+    assert w.asked() == 1 and len(ps.up[1]) == 1
+    waiting = w.login("bob", "bobpw", ip(1))
+    ps.up[1].clear()  # the gateway never read them
+    ps.peers[1].close()
+    assert fired(waiting).reply == replies.AUTH_TEMPFAIL
+    assert fired(admitted).reply == replies.AUTH_TEMPFAIL
+    assert fired(w.login("carol", "pw", ip(3))).reply == replies.AUTH_TEMPFAIL
+    assert w.asked("bind") == 0
+
+
+def test_an_ask_before_the_gateway_made_the_throttle_makes_it() -> None:
+    """The gateway's lookup makes the connector's throttle on a worker's first ask."""
+    made: list[Throttle] = []
+
+    def lookup(kind: str, name: str) -> Throttle:
+        if not made:
+            made.append(Throttle(SETTINGS, Clock()))
+        return made[0]
+
+    out: list[bytes] = []
+    gateway = PeerLimits(1, out.append, lookup, decides=True)
+    assert gateway.apply(b'[2, "C", "a", "check", "7", "ip:10.0.0.1", "user:x"]') is False
+    assert made and made[0].in_flight("user:x") == 1
+    assert out == [b'[1, "C", "g", "2", "7", "go"]']
+    gateway.apply(b'[2, "C", "e", "ip:10.0.0.1", "user:x"]')
+    assert made[0].in_flight("user:x") == made[0].in_flight("ip:10.0.0.1") == 0
 
 
 # -- failover at the user bind, against a real slapd ---------------------------------

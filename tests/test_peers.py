@@ -122,3 +122,46 @@ def test_a_change_before_the_counter_exists_is_kept() -> None:
     peers = PeerLimits(1, lambda line: None, lookup)
     peers.apply(b'[2, "C", "c+", "10.0.0.1"]')
     assert made[0].count("10.0.0.1") == 1 and not made[0].acquire("10.0.0.1")
+
+
+def test_auth_asks_and_ends_are_for_the_gateway_only() -> None:
+    """
+    A worker's throttle asks the gateway (decides=True) to admit each check
+    and tells it the end: those lines are not relayed to other workers
+    (apply says False); the answer is addressed to the asking worker only;
+    failures are relayed to everybody as before.
+    """
+    clock = Clock()
+    settings = AuthThrottle(max_failures=1)
+    gateway_out: list[bytes] = []
+    worker_out: list[bytes] = []
+    decider = Throttle(settings, clock)
+    gateway = PeerLimits(1, gateway_out.append, lambda kind, name: decider, decides=True)
+    gateway.attach("C", decider)
+    asking = Throttle(settings, clock)
+    worker = PeerLimits(2, worker_out.append, lambda kind, name: asking)
+    worker.attach("C", asking)
+    other_throttle = Throttle(settings, clock)
+    other = PeerLimits(3, lambda line: None, lambda kind, name: other_throttle)
+    other.attach("C", other_throttle)
+
+    first = asking.admit("10.0.0.1", "x")
+    second = asking.admit("10.0.0.2", "x")
+    assert not first.called and len(worker_out) == 2
+    assert [gateway.apply(line) for line in worker_out] == [False, False]
+    assert decider.in_flight("user:x") == 1  # the second waits at the gateway
+    assert len(gateway_out) == 1
+    other.apply(gateway_out[0])  # addressed to process 2: nothing here
+    worker.apply(gateway_out.pop())
+    attempt = first.result
+    worker_out.clear()
+    attempt.failure()
+    assert len(worker_out) == 2  # the failure, then the end
+    assert [gateway.apply(line) for line in worker_out] == [True, False]
+    other.apply(worker_out[0])
+    assert other_throttle.blocked("10.9.9.9", "x")
+    assert decider.in_flight("user:x") == 0
+    worker.apply(gateway_out.pop())  # the waiting one: blocked by the failure
+    assert second.result is None
+    assert gateway.apply(b'[2, "C", "a", "nonsense", "9"]') is False
+    assert gateway_out == []

@@ -86,3 +86,28 @@ def test_memory_bounded() -> None:
     for i in range(1000):
         throttle.failure(f"10.0.{i // 256}.{i % 256}", f"user{i}")
     assert len(throttle._counts) <= 10
+
+
+def test_the_deciding_throttle_keeps_each_workers_share() -> None:
+    """
+    In the gateway process: a worker's admitted checks are its own (an end
+    from another origin, or after a reload, releases nothing); a worker
+    that ends releases them and its waits are never admitted.
+    """
+    throttle, _ = make()
+    keys = ("ip:10.0.0.1", "user:x")
+    assert [throttle.decide(keys, 7).result for _ in range(3)] == ["go"] * 3
+    waiting = throttle.decide(keys, 7)
+    mine = throttle.decide(keys)
+    assert not waiting.called and not mine.called
+    throttle.remote_end(8, list(keys))  # not 8's
+    assert throttle.in_flight("user:x") == 3
+    throttle.remote_end(7, list(keys))
+    assert waiting.result == "go"  # first in line
+    throttle.forget(7)
+    assert throttle.in_flight("user:x") == 1 and mine.result == "go"
+    throttle.remote_end(7, list(keys))  # forgotten already
+    assert throttle.in_flight("user:x") == 1
+    assert throttle.decide_account("account:cn=x", 7) == "go"
+    throttle.forget(7)
+    assert throttle.in_flight("account:cn=x") == 0

@@ -27,6 +27,15 @@ checks in flight would exceed the limit (guesses spread over its login
 names at once) is answered 454 rather than waited for, since the
 directory's thread would wait with it.
 
+With receiving workers (L{relaygw.session.peers}) one throttle decides
+every admission: the gateway (twistd) process's.  A worker asks it over
+its pipe (L{Throttle.ask}: one round trip per check and per account, the
+only cost the workers add to AUTH) and tells it the end of each check
+after its outcome; the gateway applies the asks and ends in the one order
+it reads them, so the bound is strict however many processes the guesses
+are spread over: at most C{max_failures} checks per IP, user name and
+account begin before the failures stop them.
+
 Log events (C{event="auth.result"}) carry C{result} (C{success},
 C{failure}, C{tempfail}, C{throttled}) with C{connector}, C{session_id},
 C{peer} and C{auth_user}; never the password or the SASL payload.
@@ -42,7 +51,7 @@ import attrs
 from attrs import evolve, frozen
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -65,11 +74,22 @@ class _Count:
     failures: int
 
 
+#: An admission's verdict: C{"go"} (counted in flight), C{"blocked"} (the IP
+#: or user has C{max_failures} failures: 535 unasked), C{"unavailable"} (a
+#: check waited for got no answer: 454); for an account C{"go"},
+#: C{"throttled"} or C{"busy"}.
+Verdict = str
+#: In a receiving worker: asks the gateway process to admit a check
+#: (C{"check"}, its IP and user keys) or an account (C{"account"}, its key).
+Ask = Callable[[str, tuple[str, ...]], "Deferred[Verdict]"]
+
+
 @attrs.define(eq=False)
 class _Waiter:
-    ip: str
-    username: str
-    result: Deferred[Attempt | None]
+    keys: tuple[str, ...]
+    result: Deferred[Verdict]
+    #: The process that asked (its pid), 0 for this one.
+    origin: int = 0
 
 
 class Throttle:
@@ -84,8 +104,9 @@ class Throttle:
         self._clock = clock
         self._max = max_keys
         self._counts: OrderedDict[str, _Count] = OrderedDict()
-        #: Checks in flight per key, in every process; C{_remote}: another
-        #: process's share of them (origin -> key -> checks), for L{forget}.
+        #: Checks in flight per key (in the deciding process: every process's;
+        #: none in a worker); C{_remote}: a worker's share of them (origin ->
+        #: key -> checks), for L{remote_end} and L{forget}.
         self._pending: dict[str, int] = {}
         self._remote: dict[int, dict[str, int]] = {}
         #: Logins waiting for a check in flight on the key to settle.
@@ -95,9 +116,12 @@ class Throttle:
         self._woken: deque[_Waiter] = deque()
         self._waking = False
         #: Told C{("failure" | "success", ip, username, account)} of each
-        #: outcome here and C{("begin" | "end", *keys)} of each check in
-        #: flight, for the other receiving processes (L{relaygw.session.peers}).
+        #: outcome here, for the other receiving processes, and in a worker
+        #: C{("end" | "end-unavailable", *keys)} of each check it was
+        #: admitted to, for the gateway (L{relaygw.session.peers}).
         self.on_change: Callable[..., None] | None = None
+        #: In a receiving worker: the gateway process decides admissions.
+        self.ask: Ask | None = None
 
     @staticmethod
     def _keys(ip: str, username: str) -> tuple[str, str]:
@@ -126,7 +150,11 @@ class Throttle:
         return self.failures(ip, username) >= self.settings.max_failures
 
     def in_flight(self, key: str) -> int:
-        """Checks in flight for C{key} (C{ip:...}, C{user:...}, C{account:...}), in every process."""
+        """
+        Checks in flight for C{key} (C{ip:...}, C{user:...}, C{account:...})
+        that this throttle admitted: with receiving workers, the gateway
+        process's counts every process's, a worker's none.
+        """
         return self._pending.get(key, 0)
 
     def admit(self, ip: str, username: str) -> Deferred[Attempt | None]:
@@ -142,16 +170,38 @@ class Throttle:
             enough of the checks in flight have settled; failing with
             L{DirectoryUnavailable} when a check it waited for got no answer.
         """
-        waiter = _Waiter(ip, username, Deferred())
+        keys = self._keys(ip, username)
+        if self.ask is None:
+            verdict = self.decide(keys)
+        elif self.blocked(ip, username):  # known here already: no need to ask
+            verdict = succeed("blocked")
+        else:
+            verdict = self.ask("check", keys)
+        return verdict.addCallback(self._attempt, ip, username)
+
+    def _attempt(self, verdict: Verdict, ip: str, username: str) -> Attempt | None:
+        if verdict == "go":
+            return Attempt(self, ip, username)
+        if verdict == "blocked":
+            return None
+        raise DirectoryUnavailable("the directory did not answer a check made meanwhile")
+
+    def decide(self, keys: tuple[str, ...], origin: int = 0) -> Deferred[Verdict]:
+        """
+        Admit a check for C{keys} (an IP's and a user's), here or for the
+        receiving worker C{origin}: see L{admit}.  Cancelling the Deferred
+        gives up the wait.
+        """
+        waiter = _Waiter(keys, Deferred(), origin)
         self._try(waiter)
         return waiter.result
 
     def _try(self, waiter: _Waiter) -> None:
         now = self._clock.seconds()
         limit = self.settings.max_failures
-        keys = self._keys(waiter.ip, waiter.username)
+        keys = waiter.keys
         if any(self._failures(key, now) >= limit for key in keys):
-            waiter.result.callback(None)
+            waiter.result.callback("blocked")
             return
         for key in keys:
             if self._failures(key, now) + self.in_flight(key) >= limit:
@@ -159,29 +209,33 @@ class Throttle:
                 # wait for them rather than refuse a right password.
                 self._waiting.setdefault(key, deque()).append(waiter)
                 return
-        self._begin(keys)
-        waiter.result.callback(Attempt(self, waiter.ip, waiter.username))
+        self._begin(keys, waiter.origin)
+        waiter.result.callback("go")
 
-    def _admit_account(self, account: str) -> str:
+    def decide_account(self, key: str, origin: int = 0) -> Verdict:
         """C{"go"} (counted in flight), C{"throttled"} or C{"busy"} for an account key."""
         now = self._clock.seconds()
-        failures = self._failures(account, now)
+        failures = self._failures(key, now)
         if failures >= self.settings.max_failures:
             return "throttled"
-        if failures + self.in_flight(account) >= self.settings.max_failures:
+        if failures + self.in_flight(key) >= self.settings.max_failures:
             return "busy"
-        self._begin((account,))
+        self._begin((key,), origin)
         return "go"
 
-    def _begin(self, keys: tuple[str, ...]) -> None:
+    def _begin(self, keys: tuple[str, ...], origin: int = 0) -> None:
         for key in keys:
             self._pending[key] = self._pending.get(key, 0) + 1
-        if self.on_change is not None:
-            self.on_change("begin", *keys)
+        if origin:
+            held = self._remote.setdefault(origin, {})
+            for key in keys:
+                held[key] = held.get(key, 0) + 1
 
     def _end(self, keys: tuple[str, ...], unavailable: bool = False) -> None:
-        if self.on_change is not None:
-            self.on_change("end", *keys)
+        if self.ask is not None:  # a worker: the gateway process counted it
+            if self.on_change is not None:
+                self.on_change("end-unavailable" if unavailable else "end", *keys)
+            return
         self._release(keys, unavailable)
 
     def _release(self, keys: tuple[str, ...], unavailable: bool = False) -> None:
@@ -199,8 +253,7 @@ class Throttle:
             # that check get 454 now rather than a timeout each, in turn.
             for waiter in waiters:
                 if not waiter.result.called:
-                    waiter.result.errback(DirectoryUnavailable(
-                        "the directory did not answer a check made meanwhile"))
+                    waiter.result.callback("unavailable")
         if self._waking:
             return  # a waiter let in settled at once: the loop below takes the rest
         self._waking = True
@@ -237,21 +290,22 @@ class Throttle:
         elif outcome == "success":
             self._clear(ip, username, account)
 
-    def remote(self, origin: int, delta: int, keys: list[str]) -> None:
-        """Another process (C{origin}) began (+1) or ended (-1) a check for C{keys}."""
-        held = self._remote.setdefault(origin, {})
+    def remote_end(self, origin: int, keys: list[str], unavailable: bool = False) -> None:
+        """The receiving worker C{origin} settled a check it was admitted to for C{keys}."""
+        held = self._remote.get(origin, {})
         for key in keys:
-            if delta > 0:
-                held[key] = held.get(key, 0) + 1
-                self._pending[key] = self._pending.get(key, 0) + 1
-            elif held.get(key, 0) > 0:
+            if held.get(key, 0) > 0:  # else begun before a reload, or forgotten
                 held[key] -= 1
                 if not held[key]:
                     del held[key]
-                self._release((key,))
+                self._release((key,), unavailable)
 
     def forget(self, origin: int) -> None:
-        """Another process ended: its checks in flight went with it."""
+        """The receiving worker C{origin} ended: its checks in flight and its waits went with it."""
+        for queue in list(self._waiting.values()):
+            for waiter in list(queue):
+                if waiter.origin == origin and not waiter.result.called:
+                    waiter.result.cancel()
         for key, count in self._remote.pop(origin, {}).items():
             for _ in range(count):
                 self._release((key,))
@@ -314,19 +368,31 @@ class Attempt:
         self.refused: str | None = None
         self._settled = False
 
-    def admit(self, account: str) -> bool:
-        """See L{IAccountGate.admit}; idempotent for one account (a failover asks again)."""
-        key = self._throttle._account(account)
+    def admit(self, account: str) -> bool | Deferred[bool]:
+        """
+        See L{IAccountGate.admit}; idempotent for one account (a failover
+        asks again).  In a receiving worker the gateway process decides: a
+        Deferred.
+        """
+        throttle = self._throttle
+        key = throttle._account(account)
         if self._settled or not key:
             return False
-        if key == self._throttle._account(self._account):
+        if key == throttle._account(self._account):
             return True
         if self._account:  # another server found another entry: count that one instead
-            self._throttle._end((self._keys[-1],))
+            throttle._end((self._keys[-1],))
             self._keys, self._account = self._keys[:-1], ""
-        verdict = self._throttle._admit_account(key)
+        if throttle.ask is None:
+            return self._admitted(throttle.decide_account(key), account, key)
+        return throttle.ask("account", (key,)).addCallback(self._admitted, account, key)
+
+    def _admitted(self, verdict: Verdict, account: str, key: str) -> bool:
         if verdict != "go":
             self.refused = verdict
+            return False
+        if self._settled:  # given up meanwhile: the account leaves the flight at once
+            self._throttle._end((key,))
             return False
         self._keys, self._account = (*self._keys, key), account
         return True

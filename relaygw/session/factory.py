@@ -142,13 +142,16 @@ class SessionFactory(ServerFactory):
             self._tls_cache[connector] = options
         return self._tls_cache[connector]
 
-    def share_limits(self, origin: int, send: Callable[[bytes], None]) -> PeerLimits:
+    def share_limits(
+        self, origin: int, send: Callable[[bytes], None], *, decides: bool = False
+    ) -> PeerLimits:
         """
         Share this factory's limits with the other receiving processes
         (L{relaygw.session.peers}): changes go out through C{send}; feed
-        theirs to the returned object's C{apply}.
+        theirs to the returned object's C{apply}.  C{decides}: this is the
+        gateway process, whose throttles admit every process's AUTH checks.
         """
-        self.peers = PeerLimits(origin, send, self._shared)
+        self.peers = PeerLimits(origin, send, self._shared, decides=decides)
         for name, (_, counter) in self._counters.items():
             self.peers.attach(name, counter)
         for name, (_, limiter) in self._limiters.items():

@@ -3,7 +3,8 @@ AUTH guessing spread over many connections, source addresses and login
 names, against the real directories (issue 11): the real C{twistd -n
 relaygw} in front of a Samba AD DC (tests/servers/samba_ad.py, its own copy
 for this module) and an OpenLDAP slapd (tests/servers/slapd.py), with
-C{max_failures = 3}.
+C{max_failures = 3}; the last test runs three receiving processes
+(C{workers = 3}) in front of slapd, the guesses spread over all three.
 
 Each guess is its own connection from its own 127.x source address, all
 through STARTTLS first and then released together (a barrier), so that
@@ -18,7 +19,7 @@ import ssl
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,16 +27,18 @@ import pytest
 from ldap3 import MODIFY_REPLACE, Connection, Server, Tls
 
 from tests.e2e.conftest import Launch, gateway_toml
+from tests.e2e.test_workers_e2e import _established, _socket_inodes, _workers
 from tests.servers import samba_ad as A
 from tests.servers import slapd as S
 from tests.servers.dirtest import unavailable
-from tests.servers.ports import free_ports
+from tests.servers.ports import free_ports, wait_until
 from tests.servers.relaygw import RelaygwProcess
 from tests.servers.smtp_clients import LineClient, client_context, plain_blob, wait_for_banner
 
 pytestmark = pytest.mark.e2e
 
 MAX_FAILURES = 3
+WORKERS = 3
 WRONG = "Wr0ng-Guess-Qv8"
 #: erin's login names in AD: sAMAccountName, DOMAIN\user, userPrincipalName,
 #: and the mail address the test gives her (all one account).
@@ -81,21 +84,27 @@ cache_ttl = "0s"
 """
 
 
-def _gateway(launch: Launch, workdir: Path, directory: str, password: str) -> tuple[RelaygwProcess, int]:
+def _gateway(launch: Launch, workdir: Path, directory: str, password: str,
+             workers: int = 1) -> tuple[RelaygwProcess, int]:  # fmt: skip
     port, admin = free_ports(2)
     workdir.mkdir()
     (workdir / "ldap.secret").write_text(password + "\n")
-    proc = launch(workdir, gateway_toml(admin, workers=1) + directory + _connector(port), [port])
+    proc = launch(workdir, gateway_toml(admin, workers=workers) + directory + _connector(port),
+                  [port])  # fmt: skip
+    wait_until(lambda: proc.output().count("relaygw ready") == workers, 30,
+               what=f"{workers} receiving process(es) ready")
     wait_for_banner(port)
     return proc, port
 
 
-def guess_at_once(port: int, guesses: Sequence[tuple[str, str, str]]) -> list[int]:
+def guess_at_once(port: int, guesses: Sequence[tuple[str, str, str]],
+                  at_barrier: Callable[[], None] | None = None) -> list[int]:  # fmt: skip
     """
     One connection per C{(source, user, password)}: banner, EHLO, STARTTLS,
     EHLO on each, then every AUTH PLAIN sent together; the reply codes.
+    C{at_barrier} runs once every connection is ready, before the AUTHs.
     """
-    barrier = threading.Barrier(len(guesses), timeout=60)
+    barrier = threading.Barrier(len(guesses), action=at_barrier, timeout=60)
 
     def one(source: str, user: str, password: str) -> int:
         with LineClient(port, source=source, timeout=60) as client:
@@ -262,3 +271,44 @@ def test_ldap_guesses_for_many_users_from_one_source(ldap_port: int, slapd: S.Sl
     assert 1 <= binds <= MAX_FAILURES
     assert auth_once(ldap_port, "127.0.70.1", "dup1", S.PASSWORDS["dup1"]) == 535
     assert settled_binds(slapd, "dup1") == 0
+
+
+#: The fixture users' login names: uid, upper-case uid, mail (one account each).
+NAMES = {"alice": ("alice", "ALICE", "alice@example.com"), "bob": ("bob", "BOB", "bob@example.com"),
+         "carol": ("carol", "CAROL", "carol@example.org"), "dan": ("dan", "DAN", "dan@example.com")}
+
+
+def test_ldap_guesses_spread_over_receiving_processes(
+    module_launch: Launch, module_workdir: Path, slapd: S.Slapd
+) -> None:
+    """
+    C{workers = 3}, four rounds (one user each): 60 wrong passwords for the
+    user at once, from 20 sources under three of its names, held by all
+    three receiving processes (checked before the AUTHs go): slapd saw at
+    most max_failures binds as the user (the gateway process admits every
+    check; with each process deciding alone, 4 or 5 in half the rounds),
+    and the user's right password is then 535 unbound.
+    """
+    gw, port = _gateway(module_launch, module_workdir / "ldap-workers",
+                        _directory("ldap", slapd.ldap_url, slapd.ca_file, S.BASE_DN,
+                                   S.SERVICE_DN), S.SERVICE_PASSWORD, workers=WORKERS)  # fmt: skip
+    processes = {gw.pid, *_workers(gw)}
+    assert len(processes) == WORKERS
+    found: dict[str, int] = {}
+    for round_, (uid, names) in enumerate(NAMES.items()):
+        holders: list[set[int]] = []
+
+        def who_holds() -> None:
+            open_ends = _established(port)
+            holders.append({pid for pid in processes if _socket_inodes(pid) & open_ends})
+
+        before = settled_binds(slapd, uid)
+        guesses = [(source(300 + round_ * 25 + i), name, WRONG) for i in range(20) for name in names]
+        codes = Counter(guess_at_once(port, guesses, at_barrier=who_holds))
+        found[uid] = settled_binds(slapd, uid) - before
+        print(f"slapd, {WORKERS} workers: {len(guesses)} guesses for {uid}, replies {dict(codes)}, "
+              f"binds {found[uid]}, held by {len(holders[0])} processes")
+        assert holders == [processes], "the guesses did not reach every process"
+        assert set(codes) <= {535, 454} and sum(codes.values()) == len(guesses), codes
+        assert auth_once(port, source(290 - round_), uid, S.PASSWORDS[uid]) == 535
+    assert all(1 <= binds <= MAX_FAILURES for binds in found.values()), found
