@@ -16,7 +16,8 @@ connection anyway (421s, 500 5.5.2 for a long line) are sent as they are.
 Timeouts bound a stalling client, not only a silent one: the command
 timeout restarts only when a whole command line arrives, the data timeout
 with every 1 KiB of message data, so a client trickling a byte a second
-(slowloris) is cut with 421 4.4.2 like a silent one.
+(slowloris) is cut with 421 4.4.2 like a silent one.  A TLS handshake runs
+under the command timeout and is aborted without a reply when it expires.
 
 Other decisions: STARTTLS needs a greeting first and resets HELO, envelope and
 user; a refused BDAT chunk is still read (its size is known) and ends the
@@ -131,6 +132,8 @@ class Session(Protocol, TimeoutMixin):
         self._dispatching = False
         self._connected_at = 0.0
         self._local = ""
+        #: A TLS handshake (implicit or after STARTTLS) has begun, not ended.
+        self._handshaking = False
         #: The protocol log handle, only for a verbose connector: without
         #: one, logging costs each line a single test.
         self._plog: IProtocolLogSession | None = None
@@ -182,6 +185,7 @@ class Session(Protocol, TimeoutMixin):
             self._flush()
             return
         self._counter, self._local = admission.counter, admission.local
+        self._handshaking = self.state.tls_active  # implicit TLS
         self._connected_at = now = self._reactor.seconds()
         connector = self.state.c
         self._set_timeout(seconds(connector.timeouts.command.total_seconds()))
@@ -204,6 +208,7 @@ class Session(Protocol, TimeoutMixin):
 
     def handshakeCompleted(self) -> None:
         """Record the negotiated TLS version and cipher (pyOpenSSL connection)."""
+        self._handshaking = False
         try:
             handle = cast(ISystemHandle, self.transport).getHandle()
             self.state.tls = TLSInfo(
@@ -242,6 +247,19 @@ class Session(Protocol, TimeoutMixin):
 
     def timeoutConnection(self) -> None:
         if self._closing or self.state.connector is None:
+            return
+        if self._handshaking:
+            # Handshake bytes never reach dataReceived, so a ClientHello
+            # trickled or never sent meets the command timeout.  No reply can
+            # be written, and Twisted's TLS close would wait, with the reply
+            # (or an implicit-TLS greeting) buffered, for a handshake that
+            # never ends: abort.
+            self._log.info("TLS handshake with {peer} timed out",
+                           event="receive.timeout", mode="tls-handshake", **self.state.fields())
+            self._close()
+            self._mode = "closed"
+            if self.transport is not None:
+                self.transport.abortConnection()  # type: ignore[attr-defined]
             return
         self._log.info("session with {peer} timed out in {mode} mode",
                        event="receive.timeout", mode=self._mode, **self.state.fields())
@@ -469,6 +487,7 @@ class Session(Protocol, TimeoutMixin):
         self._flush()
         # Plaintext pipelined after STARTTLS is discarded (command injection).
         self._discard_rest = True
+        self._handshaking = True
         cast(ITLSTransport, self.transport).startTLS(
             cast(IOpenSSLServerConnectionCreator, options)
         )
