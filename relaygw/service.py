@@ -143,6 +143,19 @@ def spool_root(config: Config) -> Path:
     return config.gateway.spool_dir
 
 
+def _remove_partials(spool: object, delivery: object, pid: int, live: set[int]) -> None:
+    """A receiving worker ended: remove its partial spool entries (L{DirectorySpool})."""
+    others = live | {os.getpid()}
+    delivery_pid = getattr(delivery, "pid", None)
+    if isinstance(delivery_pid, int):
+        others.add(delivery_pid)
+    try:
+        spool.remove_partials_of(pid, others)  # type: ignore[attr-defined]
+    except OSError as error:
+        Logger().warn("Spool: partial entries of process {pid} not removed: {error}",
+                          pid=pid, error=str(error))
+
+
 class _Gate(ServerFactory):
     """
     The factory every listening socket is bound with.  It hands connections
@@ -374,6 +387,7 @@ class RelayGatewayService(MultiService):
                     on_queued=delivery.notify,
                     on_peer=lambda line: factory.peers.apply(line) if factory.peers else False,
                     publisher=self._log_publisher, stop_grace=self._stop_grace + 5,
+                    on_dead=lambda pid, live: _remove_partials(spool, delivery, pid, live),
                 )
                 factory.share_limits(os.getpid(), self._workers.broadcast, decides=True)
                 self._workers.startService()

@@ -107,6 +107,7 @@ class ReceiveWorkers(Service):
         fds: Callable[[], Sequence[int]],
         on_queued: Callable[[str], None],
         on_peer: Callable[[bytes], object] = lambda line: True,
+        on_dead: Callable[[int, set[int]], None] = lambda pid, live: None,
         publisher: ILogObserver = globalLogPublisher,
         python: str = sys.executable,
         stop_grace: float = 35.0,
@@ -128,6 +129,7 @@ class ReceiveWorkers(Service):
         self._fds = fds
         self._on_queued = on_queued
         self._on_peer = on_peer
+        self._on_dead = on_dead
         self._publisher = publisher
         self._python = python
         self._stop_grace = stop_grace
@@ -241,6 +243,9 @@ class ReceiveWorkers(Service):
             forget = PeerLimits.forget_message(pid)
             self._on_peer(forget)
             self.broadcast(forget)
+            # Its partial spool entries (killed mid-DATA) would otherwise
+            # stay until the next gateway start.
+            self._on_dead(pid, set(self._pids.values()))
         retired = self._retiring.pop(child, None)
         if retired is not None:
             retired.callback(None)

@@ -17,7 +17,7 @@ import re
 import secrets
 import threading
 
-__all__ = ["ID_LENGTH", "QueueIdGenerator", "is_queue_id", "new_queue_id"]
+__all__ = ["ID_LENGTH", "QueueIdGenerator", "is_queue_id", "new_queue_id", "pid_tag"]
 
 _DIGITS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _TIME_WIDTH = 11
@@ -47,6 +47,11 @@ def is_queue_id(text: str) -> bool:
     return _ID_PATTERN.fullmatch(text) is not None
 
 
+def pid_tag(pid: int) -> str:
+    """The four characters of a process's ids that come from its pid (after the time part)."""
+    return _base36(pid % 36**4, 4)
+
+
 class QueueIdGenerator:
     """
     Makes the ids of one process.
@@ -69,7 +74,7 @@ class QueueIdGenerator:
     @classmethod
     def for_process(cls, pid: int) -> QueueIdGenerator:
         """A generator whose node tag mixes C{pid} with fresh randomness."""
-        return cls(_base36(pid % 36**4, 4) + _base36(secrets.randbelow(36**3), 3))
+        return cls(pid_tag(pid) + _base36(secrets.randbelow(36**3), 3))
 
     def next(self, now: float) -> str:
         """

@@ -42,7 +42,7 @@ from relaygw.spool.commit import (
 )
 from relaygw.spool.entry import open_data, read_envelope
 from relaygw.spool.envelope import Envelope
-from relaygw.spool.ids import is_queue_id, new_queue_id
+from relaygw.spool.ids import ID_LENGTH, is_queue_id, new_queue_id, pid_tag
 from relaygw.spool.writer import WRITE_BUFFER, SpoolWriter
 
 __all__ = ["DirectorySpool", "SpoolWriter", "WRITE_BUFFER"]
@@ -68,6 +68,16 @@ def _unlink_quietly(path: str | Path) -> None:
         os.unlink(path)
     except OSError:
         pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def _make_dir(path: Path) -> bool:
@@ -250,6 +260,30 @@ class DirectorySpool:
         envelopes = list(self._scan(clean=True))
         envelopes.sort(key=lambda e: (e.received_at, e.id))
         return envelopes
+
+    def remove_partials_of(self, pid: int, live: set[int]) -> int:
+        """
+        Remove the partial entries (C{<id>.tmp}) of a receiving process that
+        died (kill -9 mid-DATA): their ids carry its L{pid_tag}.  Nothing is
+        removed if a process in C{live}, or a new process with C{pid}, could
+        own ids with that tag: never a file of a live process.
+
+        @return: the number of files removed.
+        """
+        tag = pid_tag(pid)
+        if any(pid_tag(p) == tag for p in live if p != pid) or _alive(pid):
+            return 0
+        removed = 0
+        for entry in os.scandir(self._queue):
+            queue_id = entry.name[: -len(TEMPORARY)]
+            if (entry.name.endswith(TEMPORARY) and is_queue_id(queue_id)
+                    and queue_id[ID_LENGTH - 7: ID_LENGTH - 3] == tag):
+                _unlink_quietly(entry.path)
+                removed += 1
+        if removed:
+            self._log.warn("Spool: removed {count} partial entries of ended process {pid}",
+                           count=removed, pid=pid)
+        return removed
 
     def clean(self) -> int:
         """
