@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from ldap3 import MODIFY_REPLACE, Connection, Server, Tls
 
-from tests.e2e.conftest import Launch, gateway_toml
+from tests.e2e.conftest import LOCAL_MAILDIR, Launch, gateway_toml
 from tests.e2e.test_workers_e2e import _established, _socket_inodes, _workers
 from tests.servers import samba_ad as A
 from tests.servers import slapd as S
@@ -47,16 +47,7 @@ UF_LOCKOUT = 0x10
 
 
 def _connector(port: int) -> str:
-    return f"""
-[[accepted_domains]]
-domain = "example.test"
-route = "local"
-
-[[routes]]
-name = "local"
-via = "maildir"
-maildir = "var/mail"
-
+    return LOCAL_MAILDIR + f"""
 [[connectors]]
 name = "Submission"
 bindings = ["127.0.0.1:{port}"]
