@@ -199,17 +199,17 @@ class Throttle:
     def _try(self, waiter: _Waiter) -> None:
         now = self._clock.seconds()
         limit = self.settings.max_failures
-        keys = waiter.keys
-        if any(self._failures(key, now) >= limit for key in keys):
+        failures = [(key, self._failures(key, now)) for key in waiter.keys]
+        if any(count >= limit for _, count in failures):
             waiter.result.callback("blocked")
             return
-        for key in keys:
-            if self._failures(key, now) + self.in_flight(key) >= limit:
+        for key, count in failures:
+            if count + self.in_flight(key) >= limit:
                 # Those in flight may still succeed (and clear the counts):
                 # wait for them rather than refuse a right password.
                 self._waiting.setdefault(key, deque()).append(waiter)
                 return
-        self._begin(keys, waiter.origin)
+        self._begin(waiter.keys, waiter.origin)
         waiter.result.callback("go")
 
     def decide_account(self, key: str, origin: int = 0) -> Verdict:

@@ -321,16 +321,16 @@ class UsersFile:
             if 0 <= age < SETTLE:
                 return self._users
         try:
-            users = read_users(self.path)
+            users, problem = read_users(self.path), ""
         except UsersFileError as error:
-            if self._stat() != stamp:
-                return self._users  # written while read: read it again next time
+            users, problem = self._users, str(error)
+        if self._stat() != stamp:
+            return self._users  # written while read: read it again next time
+        if problem:
             # Logged once per version (the stamp is kept), with file and line.
             self._log.error("users file not reloaded, the previous version stays: {problem}",
-                            problem=str(error))
+                            problem=problem)
             self._stamp = stamp
-            return self._users
-        if self._stat() != stamp:
             return self._users
         if self._stamp is not None:
             self._log.info("users file {path} reloaded: {count} user(s)",

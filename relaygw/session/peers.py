@@ -172,7 +172,6 @@ class PeerLimits:
         verdict.addCallback(lambda v: self._tell(connector, "g", str(origin), request, v))
         verdict.addErrback(_ended)
 
-
     def _answered(self, request: str, verdict: str) -> None:
         """In a worker: the gateway's verdict on one of its asks."""
         entry = self._asks.pop(request, None)

@@ -180,6 +180,20 @@ tls = "off"
 """
 
 
+def mx_internet(dns_port: int, mx_port: int) -> str:
+    """The resolver on loopback C{dns_port} and the C{internet} route by MX to C{mx_port}."""
+    return f"""
+[dns]
+servers = ["127.0.0.1:{dns_port}"]
+
+[[routes]]
+name = "internet"
+via = "mx"
+port = {mx_port}
+tls = "off"
+"""
+
+
 #: example.test delivered to the Maildir var/mail (the routes most tests need).
 LOCAL_MAILDIR = """
 [[accepted_domains]]

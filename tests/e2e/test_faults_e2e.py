@@ -36,7 +36,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Launch, gateway_toml, smarthost_relay, smtp, spool_entries
+from tests.e2e.conftest import (
+    Launch,
+    gateway_toml,
+    mx_internet,
+    smarthost_relay,
+    smtp,
+    spool_entries,
+)
 from tests.servers.dnsmasq import DNSMASQ_MISSING, Dnsmasq, dnsmasq_missing
 from tests.servers.ports import free_port, free_ports, wait_until
 from tests.servers.procs import delivery_pids
@@ -376,16 +383,7 @@ class _SilentUdp:
 def _mx_gateway(launch: Launch, workdir: Path, dns_port: int) -> tuple[int, RelaygwProcess]:
     """A gateway relaying everything via MX with the resolver C{dns_port}."""
     port, admin, mx_port = free_ports(3)
-    config = gateway_toml(admin, default_route="internet") + f"""
-[dns]
-servers = ["127.0.0.1:{dns_port}"]
-
-[[routes]]
-name = "internet"
-via = "mx"
-port = {mx_port}
-tls = "off"
-
+    config = gateway_toml(admin, default_route="internet") + mx_internet(dns_port, mx_port) + f"""
 [[connectors]]
 name = "Devices"
 bindings = ["127.0.0.1:{port}"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Launch, gateway_toml, smtp, spool_entries
+from tests.e2e.conftest import Launch, gateway_toml, mx_internet, smtp, spool_entries
 from tests.servers.dnsmasq import DNSMASQ_MISSING, Dnsmasq, dnsmasq_missing
 from tests.servers.ports import free_port, free_ports, wait_until
 from tests.servers.sink import SmtpSink
@@ -24,16 +24,7 @@ pytestmark = [
 
 
 def _config(port: int, admin: int, dns: int, mx_port: int) -> str:
-    return gateway_toml(admin, default_route="internet") + f"""
-[dns]
-servers = ["127.0.0.1:{dns}"]
-
-[[routes]]
-name = "internet"
-via = "mx"
-port = {mx_port}
-tls = "off"
-
+    return gateway_toml(admin, default_route="internet") + mx_internet(dns, mx_port) + f"""
 [[connectors]]
 name = "Devices"
 bindings = ["127.0.0.1:{port}"]

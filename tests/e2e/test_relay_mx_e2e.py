@@ -24,7 +24,7 @@ import attrs
 import pytest
 
 from tests.e2e import connector_kinds as K
-from tests.e2e.conftest import gateway_toml, spool_entries
+from tests.e2e.conftest import gateway_toml, mx_internet, spool_entries
 from tests.servers.dnsmasq import DNSMASQ_MISSING, Dnsmasq, dnsmasq_missing
 from tests.servers.ports import free_port, free_ports, wait_until
 from tests.servers.relaygw import RelaygwProcess
@@ -56,10 +56,7 @@ FIGURES = {"transactions": 0, "checked": 0}
 
 def _config(admin: int, port: int, dns: int, mx_port: int, inside: int) -> str:
     common = 'tls = "off"\nmessage_rate_limit = "100000/m"\n'
-    return gateway_toml(admin, default_route="internet") + f"""
-[dns]
-servers = ["127.0.0.1:{dns}"]
-
+    return gateway_toml(admin, default_route="internet") + mx_internet(dns, mx_port) + f"""
 [[accepted_domains]]
 domain = "mxinside.test"
 route = "inside"
@@ -68,12 +65,6 @@ route = "inside"
 name = "inside"
 via = "smarthost"
 smarthosts = ["127.0.0.1:{inside}"]
-tls = "off"
-
-[[routes]]
-name = "internet"
-via = "mx"
-port = {mx_port}
 tls = "off"
 
 [[connectors]]
