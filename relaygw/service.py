@@ -143,14 +143,14 @@ def spool_root(config: Config) -> Path:
     return config.gateway.spool_dir
 
 
-def _remove_partials(spool: object, delivery: object, pid: int, live: set[int]) -> None:
-    """A receiving worker ended: remove its partial spool entries (L{DirectorySpool})."""
+def _remove_partials(spool: DirectorySpool, delivery: object, pid: int, live: set[int]) -> None:
+    """A receiving worker ended: remove its partial spool entries."""
     others = live | {os.getpid()}
     delivery_pid = getattr(delivery, "pid", None)
     if isinstance(delivery_pid, int):
         others.add(delivery_pid)
     try:
-        spool.remove_partials_of(pid, others)  # type: ignore[attr-defined]
+        spool.remove_partials_of(pid, others)
     except OSError as error:
         Logger().warn("Spool: partial entries of process {pid} not removed: {error}",
                           pid=pid, error=str(error))
