@@ -111,6 +111,16 @@ def guess_at_once(port: int, guesses: Sequence[tuple[str, str, str]],
         return list(pool.map(lambda g: one(*g), guesses))
 
 
+def _who_holds(port: int, processes: set[int], holders: list[set[int]]) -> Callable[[], None]:
+    """A barrier action: adds to C{holders} which of C{processes} hold a connection to C{port}."""
+
+    def record() -> None:
+        open_ends = _established(port)
+        holders.append({pid for pid in processes if _socket_inodes(pid) & open_ends})
+
+    return record
+
+
 def source(i: int) -> str:
     return f"127.0.{60 + i // 200}.{i % 200 + 1}"
 
@@ -140,10 +150,10 @@ def _admin(dc: A.SambaDC) -> Connection:
                       password=A.ADMIN_PASSWORD, auto_bind=True, raise_exceptions=True)
 
 
-def erin_state(dc: A.SambaDC) -> dict[str, int]:
-    """badPwdCount, lockoutTime and the computed lockout bit of erin, read over LDAPS."""
+def erin_state(dc: A.SambaDC, cn: str = "erin") -> dict[str, int]:
+    """badPwdCount, lockoutTime and the computed lockout bit of erin (or C{cn}), read over LDAPS."""
     with _admin(dc) as conn:
-        conn.search(A.dn("erin"), "(objectClass=user)", search_scope="BASE",
+        conn.search(A.dn(cn), "(objectClass=user)", search_scope="BASE",
                     attributes=["badPwdCount", "lockoutTime",
                                 "msDS-User-Account-Control-Computed"])  # fmt: skip
         assert conn.response
@@ -189,6 +199,37 @@ def test_ad_guesses_spread_over_sources_and_aliases_never_lock_the_account(
         user = Connection(conn.server, user=A.dn("erin"), password=A.PASSWORDS["erin"])
         assert user.bind(), user.result
         user.unbind()
+
+
+def test_ad_guesses_spread_over_receiving_processes_never_lock_the_account(
+    module_launch: Launch, module_workdir: Path, samba_dc: A.SambaDC
+) -> None:
+    """
+    C{workers = 3}: 60 wrong passwords for bob at once, from 20 sources
+    under his 3 login names, spread over the three receiving processes: AD
+    counted at most max_failures (3) bad passwords (it locks after 5), bob
+    is not locked out, and his right password is then 535 without a bind.
+    """
+    assert erin_state(samba_dc, "bob")["badPwdCount"] == 0
+    gw, port = _gateway(module_launch, module_workdir / "ad-workers",
+                        _directory("active-directory", samba_dc.ldaps_url, samba_dc.ca_file,
+                                   A.BASE_DN, A.SERVICE_DN), A.SERVICE_PASSWORD,
+                        workers=WORKERS)  # fmt: skip
+    processes = {gw.pid, *_workers(gw)}
+    assert len(processes) == WORKERS
+    holders: list[set[int]] = []
+    names = ("bob", "EXAMPLE\\bob", "bob@example.test")
+    guesses = [(source(200 + i), name, WRONG) for i in range(20) for name in names]
+    codes = Counter(guess_at_once(port, guesses, at_barrier=_who_holds(port, processes, holders)))
+    state = erin_state(samba_dc, "bob")
+    print(f"AD, {WORKERS} workers: {len(guesses)} guesses for bob, replies {dict(codes)}, "
+          f"bob {state}, held by {len(holders[0])} processes")
+    assert holders == [processes], "the guesses did not reach every process"
+    assert set(codes) <= {535, 454} and sum(codes.values()) == len(guesses), codes
+    assert 1 <= state["badPwdCount"] <= MAX_FAILURES, state
+    assert state["locked"] == 0 and state["lockoutTime"] == 0, state
+    assert auth_once(port, source(280), "bob", A.PASSWORDS["bob"]) == 535
+    assert erin_state(samba_dc, "bob") == state
 
 
 # -- OpenLDAP ----------------------------------------------------------------------------
@@ -288,14 +329,10 @@ def test_ldap_guesses_spread_over_receiving_processes(
     found: dict[str, int] = {}
     for round_, (uid, names) in enumerate(NAMES.items()):
         holders: list[set[int]] = []
-
-        def who_holds() -> None:
-            open_ends = _established(port)
-            holders.append({pid for pid in processes if _socket_inodes(pid) & open_ends})
-
         before = settled_binds(slapd, uid)
         guesses = [(source(300 + round_ * 25 + i), name, WRONG) for i in range(20) for name in names]
-        codes = Counter(guess_at_once(port, guesses, at_barrier=who_holds))
+        codes = Counter(guess_at_once(port, guesses,
+                                      at_barrier=_who_holds(port, processes, holders)))
         found[uid] = settled_binds(slapd, uid) - before
         print(f"slapd, {WORKERS} workers: {len(guesses)} guesses for {uid}, replies {dict(codes)}, "
               f"binds {found[uid]}, held by {len(holders[0])} processes")
