@@ -13,13 +13,14 @@ directory, writes each committed queue id to the child's stdin (one per
 line), re-publishes the child's log events (JSON records on its stdout) into
 the gateway's own log, and restarts the child, with backoff, if it dies.
 
-Child side, L{main}: loads the same configuration, lists the spool's
-committed entries without changing anything (the receiving process owns
-crash recovery and has done it before spawning the child), starts the
-scheduler, and enqueues every id read from stdin.  The end of stdin (the
-gateway stopping, or killed with kill -9) stops the scheduler, bounded, and
-ends the process.  Ids lost while the child was down are found by the next
-child's listing.
+Child side, L{main}: loads the same configuration, removes the partial
+envelope updates a killed predecessor left (updates are this process's
+alone), lists the spool's committed entries without changing anything else
+(the receiving process owns crash recovery and has done it before spawning
+the child), starts the scheduler, and enqueues every id read from stdin.
+The end of stdin (the gateway stopping, or killed with kill -9) stops the
+scheduler, bounded, and ends the process.  Ids lost while the child was
+down are found by the next child's listing.
 """
 
 from __future__ import annotations
@@ -491,6 +492,10 @@ async def _run(reactor: IServeReactor, config: Config, load_config: Callable[[],
     from relaygw.spool.store import DirectorySpool
 
     spool = DirectorySpool(config.gateway.spool_dir, reactor)
+    # This process holds the delivery lock: no update is being written, so
+    # any .upd.tmp is a killed predecessor's (the gateway's recovery removes
+    # them only when the gateway starts, not when it respawns this process).
+    spool.remove_partial_updates()
     # The SmtpSend log is written where the sessions are: in this process.
     send_log = ProtocolLog(config.gateway.log_dir, "send", reactor)
     send_log.start()

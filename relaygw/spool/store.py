@@ -285,6 +285,28 @@ class DirectorySpool:
                            count=removed, pid=pid)
         return removed
 
+    def remove_partial_updates(self) -> int:
+        """
+        Remove the updates being written (C{<id>.upd.tmp}) that a delivery
+        process killed mid-update left.  Their names say nothing of their
+        writer, so call this only holding the delivery lock
+        (L{relaygw.spool.control.SpoolLock}) and before any L{update}: the
+        lock's holder is the one process that writes updates, so none of
+        them is live then.
+
+        @return: the number of files removed.
+        """
+        suffix = _UPDATE + TEMPORARY
+        removed = 0
+        for entry in os.scandir(self._queue):
+            if entry.name.endswith(suffix) and is_queue_id(entry.name[: -len(suffix)]):
+                _unlink_quietly(entry.path)
+                removed += 1
+        if removed:
+            self._log.warn("Spool: removed {count} partial updates of an ended delivery process",
+                           count=removed)
+        return removed
+
     def clean(self) -> int:
         """
         Clean up after a crash: delete temporary files (entries and updates
