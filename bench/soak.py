@@ -7,7 +7,13 @@ or bounced, nothing unfinished delivered, "maybe" messages at most once)
 and the gateway's memory and descriptors compared with their level after
 the warm-up.  See L{tests.servers.soak} for the method.
 
-    .venv/bin/python bench/soak.py [--minutes 30] [--clients 6] [--seed 1]
+    .venv/bin/python bench/soak.py [--minutes 30] [--clients 3] [--seed 1]
+                                   [--tls] [--directory slapd]
+
+C{--tls} runs part of the sessions over STARTTLS (connectors with a
+certificate and C{require_tls}) and implicit TLS; C{--directory slapd}
+authenticates against a real OpenLDAP slapd (no login cache) instead of
+the users file.  Both are off by default, as in the CI soak.
 
 Exit status 0 when everything balanced, 1 when not, 2 when the setup fails.
 """
@@ -24,7 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.servers.relaygw import installed_problem  # noqa: E402
-from tests.servers.soak import run_soak  # noqa: E402
+from tests.servers.slapd import slapd_unavailable  # noqa: E402
+from tests.servers.soak import DIRECTORIES, run_soak  # noqa: E402
 
 
 def main() -> int:
@@ -34,8 +41,12 @@ def main() -> int:
                         help="concurrent client threads (3 keep delivery up with intake on 2 cores)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--tls", action="store_true",
+                        help="part of the sessions over STARTTLS and implicit TLS")
+    parser.add_argument("--directory", choices=DIRECTORIES,
+                        help="AUTH against this real directory instead of the users file")
     args = parser.parse_args()
-    problem = installed_problem()
+    problem = installed_problem() or (slapd_unavailable() if args.directory == "slapd" else None)
     if problem:
         print(problem, file=sys.stderr)
         return 2
@@ -44,7 +55,9 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="relaygw-soak-"))
     try:
         result = run_soak(workdir, args.minutes * 60, clients=args.clients, seed=args.seed,
-                          drain_timeout=max(300.0, args.minutes * 60), log=lambda line: print(line, flush=True))
+                          drain_timeout=max(300.0, args.minutes * 60),
+                          log=lambda line: print(line, flush=True), tls=args.tls,
+                          directory=args.directory)
     finally:
         if args.keep:
             print(f"work directory kept: {workdir}")

@@ -21,12 +21,25 @@ At the end (load stopped, queue drained) the books must balance:
   - the gateway's RSS (summed over its processes) and each process's open
     descriptors return to their level after the warm-up, within the stated
     tolerances.
+
+Two options add session kinds (both off by default, the CI soak runs
+neither).  C{tls}: part of the sessions run over TLS, on STARTTLS
+connectors with a certificate (C{require_tls}, anonymous and AUTH) and on
+an implicit-TLS connector (both kinds of session), the client verifying
+the certificate; some leave right after the 220 to STARTTLS without a
+handshake.  C{directory="slapd"}: the AUTH connectors authenticate against
+a real OpenLDAP slapd (L{tests.servers.slapd}, over StartTLS, no login
+cache: every login is a search and a bind) instead of the users file, the
+fixture users sending as their C{mail} addresses (C{example.com} and
+C{example.org} are then accepted domains routed downstream as well, so
+that their DSNs are counted).  The books are the same for every kind.
 """
 
 from __future__ import annotations
 
 import base64
 import random
+import ssl
 import re
 import threading
 import time
@@ -38,16 +51,25 @@ from pathlib import Path
 import attrs
 
 from relaygw.auth.usersfile import add_user
+from tests.servers import slapd as S
+from tests.servers.certs import self_signed
 from tests.servers.flaky_smtp import Delivery, FaultRates, FlakySMTP
 from tests.servers.ports import free_ports, wait_until
 from tests.servers.procstats import tree_fds, tree_rss_each_kib, tree_rss_kib
 from tests.servers.relaygw import RelaygwProcess
-from tests.servers.smtp_clients import LineClient
+from tests.servers.smtp_clients import LineClient, client_context
 
 __all__ = ["SoakResult", "run_soak", "soak_config"]
 
 DOMAIN = "soak.test"
 USERS = [(f"device{n}", f"pw-{n}-{uuid.uuid4().hex[:8]}") for n in range(4)]
+#: The slapd fixture users the directory soak logs in as: (uid, password, mail).
+DIRECTORY_USERS = [(uid, S.PASSWORDS[uid], mail) for uid, mail in (
+    ("alice", "alice@example.com"), ("bob", "bob@example.com"),
+    ("carol", "carol@example.org"), ("dan", "dan@example.com"))]  # fmt: skip
+#: The directory users' domains, accepted so that their DSNs come downstream.
+DIRECTORY_DOMAINS = ("example.com", "example.org")
+DIRECTORIES = ("slapd",)
 #: RSS the gateway may keep above its post-warm-up level once drained.
 RSS_TOLERANCE_KIB = 30 * 1024
 #: Descriptors a process may hold above its post-warm-up count (none: the
@@ -58,8 +80,41 @@ _SOAK_ID = re.compile(rb"^X-Soak-Id: (\S+)", re.M)
 _FINAL = re.compile(rb"^Final-Recipient: rfc822; ?(\S+)", re.M | re.I)
 
 
-def soak_config(anon: int, auth: int, admin: int, downstream: int) -> str:
-    """Two connectors (anonymous, AUTH on the users file) relaying soak.test downstream."""
+@attrs.frozen
+class Ports:
+    """The gateway's listening ports (the TLS ones 0 without C{tls})."""
+
+    anon: int
+    auth: int
+    anon_tls: int = 0
+    auth_tls: int = 0
+    implicit: int = 0
+
+    def listening(self) -> list[int]:
+        return [p for p in (self.anon, self.auth, self.anon_tls, self.auth_tls, self.implicit)
+                if p]  # fmt: skip
+
+
+def soak_config(anon: int, auth: int, admin: int, downstream: int, *,
+                tls: Ports | None = None, directory: str = "") -> str:  # fmt: skip
+    """
+    Two connectors (anonymous, AUTH on the users file) relaying soak.test
+    downstream; with C{tls} (its ports), three TLS connectors as well; with
+    C{directory} (its C{[directory]} table), AUTH on that directory instead
+    of the users file, and the directory users' domains accepted.
+    """
+    return _base_config(anon, auth, admin, downstream, directory) + (
+        _tls_connectors(tls) if tls else "")
+
+
+def _base_config(anon: int, auth: int, admin: int, downstream: int, directory: str) -> str:
+    store = directory or '\n[users]\nfile = "users"\n'
+    more_domains = "".join(f"""
+[[accepted_domains]]
+domain = "{d}"
+type = "internal-relay"
+route = "flaky"
+""" for d in (DIRECTORY_DOMAINS if directory else ()))
     return f"""
 [gateway]
 workers = 2
@@ -72,15 +127,12 @@ admin_listen = "127.0.0.1:{admin}"
 retry = ["1s", "2s"]
 expire = "1h"
 delay_warning = "0s"
-
-[users]
-file = "users"
-
+{store}
 [[accepted_domains]]
 domain = "{DOMAIN}"
 type = "internal-relay"
 route = "flaky"
-
+{more_domains}
 [[routes]]
 name = "flaky"
 via = "smarthost"
@@ -110,6 +162,79 @@ max_connections_per_ip = 1000
 """
 
 
+#: The connectors' certificate file (chain and key), relative to the gateway's directory.
+CERTIFICATE = "tls/soak.pem"
+
+
+def _tls_connectors(ports: Ports) -> str:
+    common = f"""remote_ranges = ["127.0.0.0/8"]
+certificate = "{CERTIFICATE}"
+message_rate_limit = "1000000/m"
+max_connections_per_ip = 1000
+"""
+    return f"""
+[[connectors]]
+name = "Anonymous TLS"
+bindings = ["127.0.0.1:{ports.anon_tls}"]
+tls = "starttls"
+require_tls = true
+permissions.anonymous = ["submit", "accept-authoritative-sender"]
+{common}
+[[connectors]]
+name = "Devices TLS"
+bindings = ["127.0.0.1:{ports.auth_tls}"]
+tls = "starttls"
+require_tls = true
+permissions.anonymous = []
+permissions.authenticated = ["submit"]
+{common}
+[[connectors]]
+name = "Implicit"
+bindings = ["127.0.0.1:{ports.implicit}"]
+tls = "implicit"
+permissions.anonymous = ["submit", "accept-authoritative-sender"]
+permissions.authenticated = ["submit"]
+{common}"""
+
+
+def directory_config(server: S.Slapd) -> str:
+    """C{[directory]} on C{server} (ldap:// with StartTLS, verified; no login cache)."""
+    return f"""
+[directory]
+kind = "ldap"
+servers = ["{server.ldap_url}"]
+start_tls = true
+ca_file = "{server.ca_file}"
+bind_dn = "{S.SERVICE_DN}"
+bind_password_file = "ldap.secret"
+base_dn = "{S.BASE_DN}"
+timeout = "10s"
+cache_ttl = "0s"
+"""
+
+
+def _write_certificate(gw_dir: Path, ca: Path) -> None:
+    """The connectors' self-signed certificate: C{ca} (clients), cert + key (gateway)."""
+    key = ca.with_suffix(".key")
+    self_signed(ca, key, "gw.soak.test", ["gw.soak.test", "127.0.0.1"])
+    pem = gw_dir / CERTIFICATE
+    pem.parent.mkdir(parents=True, exist_ok=True)
+    pem.write_bytes(ca.read_bytes() + key.read_bytes())
+    pem.chmod(0o600)
+    key.unlink()
+
+
+@attrs.frozen
+class Setup:
+    """What the client sessions need: ports, TLS context, accounts."""
+
+    ports: Ports
+    #: Verifies the connectors' certificate; C{None}: no TLS sessions.
+    tls: ssl.SSLContext | None = None
+    #: Authenticate against the directory's users rather than the users file.
+    directory: bool = False
+
+
 @attrs.define
 class Book:
     """What the clients know about each message, by its soak id."""
@@ -125,6 +250,11 @@ class Book:
     refused: Counter[str] = attrs.field(factory=Counter)
     sessions: int = 0
     auth_sessions: int = 0
+    #: sessions by kind ("anonymous plain", "authenticated implicit", ...).
+    kinds: Counter[str] = attrs.field(factory=Counter)
+    tls_sessions: int = 0
+    #: AUTH answered 235 by the directory (directory soak only).
+    directory_logins: int = 0
     disconnects: Counter[str] = attrs.field(factory=Counter)
     errors: list[str] = attrs.field(factory=list)
 
@@ -152,11 +282,24 @@ class SoakResult:
     fds_before: dict[int, int]
     fds_after: dict[int, int]
     problems: list[str]
+    kinds: dict[str, int] = attrs.field(factory=dict)
+    tls_sessions: int = 0
+    directory_logins: int = 0
+    #: User binds slapd logged during the load (directory soak only).
+    directory_binds: int = 0
+    #: Which options ran: "tls", "directory slapd".
+    options: list[str] = attrs.field(factory=list)
 
     def report(self) -> str:
+        extra = [
+            f"  options: {', '.join(self.options)}; sessions by kind: {self.kinds}",
+            f"  TLS sessions: {self.tls_sessions}; directory logins (235): "
+            f"{self.directory_logins}, user binds slapd logged: {self.directory_binds}",
+        ] if self.options else []
         return "\n".join([
             f"soak: {self.seconds:.0f} s of load, {self.sessions} sessions "
             f"({self.auth_sessions} authenticated)",
+            *extra,
             f"  messages acknowledged (250): {self.acked} ({self.acked_recipients} recipients); "
             f"maybe (reply unread): {self.maybe}; never finished: {self.never}; "
             f"refused: {self.refused}",
@@ -179,26 +322,49 @@ def _message(soak_id: str, sender: str, rcpts: list[str], rng: random.Random) ->
     return ("\r\n".join(lines) + "\r\n").encode().replace(b"\r\n.", b"\r\n..")
 
 
-def _session(book: Book, rng: random.Random, anon_port: int, auth_port: int) -> None:
+def _session(book: Book, rng: random.Random, setup: Setup) -> None:
     authenticated = rng.random() < 0.35
     if authenticated:
-        name, password = rng.choice(USERS)
-        sender = f"{name}@{DOMAIN}"
-        port = auth_port
+        if setup.directory:
+            name, password, sender = rng.choice(DIRECTORY_USERS)
+        else:
+            name, password = rng.choice(USERS)
+            sender = f"{name}@{DOMAIN}"
     else:
         sender = f"anon{rng.randrange(20)}@{DOMAIN}"
-        port = anon_port
+    # Without TLS no draw: the plain soak's sessions stay those of its seed.
+    transport = rng.choice(("plain", "plain", "starttls", "starttls", "implicit")) if (
+        setup.tls) else "plain"  # fmt: skip
+    ports = setup.ports
+    port = {"plain": ports.auth if authenticated else ports.anon,
+            "starttls": ports.auth_tls if authenticated else ports.anon_tls,
+            "implicit": ports.implicit}[transport]  # fmt: skip
     with book.lock:
         book.sessions += 1
         book.auth_sessions += authenticated
-    client = LineClient(port, timeout=60)
+        book.tls_sessions += transport != "plain"
+        book.kinds[f"{'authenticated' if authenticated else 'anonymous'} {transport}"] += 1
+    client = LineClient(port, timeout=60,
+                        implicit_tls=setup.tls if transport == "implicit" else None)
     try:
         assert client.reply().code == 220
         assert client.command("EHLO soak-client.test").code == 250
+        if transport == "starttls":
+            assert setup.tls is not None
+            assert client.command("STARTTLS").code == 220
+            if rng.random() < 0.03:  # leaves before the handshake
+                with book.lock:
+                    book.disconnects["after STARTTLS"] += 1
+                return
+            client.starttls(setup.tls)
+            assert client.command("EHLO soak-client.test").code == 250
         if authenticated:
             blob = base64.b64encode(f"\0{name}\0{password}".encode()).decode()
             reply = client.command(f"AUTH PLAIN {blob}")
             assert reply.code == 235, reply
+            if setup.directory:
+                with book.lock:
+                    book.directory_logins += 1
         for _ in range(rng.randrange(1, 4)):
             soak_id = f"soak-{uuid.uuid4().hex}"
             rcpts = [f"user{rng.randrange(50)}@{DOMAIN}" for _ in range(rng.randrange(1, 4))]
@@ -241,11 +407,11 @@ def _session(book: Book, rng: random.Random, anon_port: int, auth_port: int) -> 
         client.close()
 
 
-def _client_loop(book: Book, seed: int, until: float, anon: int, auth: int) -> None:
+def _client_loop(book: Book, seed: int, until: float, setup: Setup) -> None:
     rng = random.Random(seed)
     while time.monotonic() < until:
         try:
-            _session(book, rng, anon, auth)
+            _session(book, rng, setup)
         except (AssertionError, OSError, ConnectionError, ValueError) as e:
             with book.lock:
                 book.errors.append(repr(e))
@@ -260,16 +426,60 @@ def _settle(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 
 def run_soak(workdir: Path, seconds: float, *, clients: int = 6, seed: int = 1,
              rates: FaultRates = FaultRates(), drain_timeout: float = 180,
-             log: Callable[[str], None] = print) -> SoakResult:  # fmt: skip
-    """Run the soak in C{workdir} for C{seconds} of load; the gateway is stopped afterwards."""
-    downstream = FlakySMTP(rates, seed=seed).start()
-    anon, auth, admin = free_ports(3)
+             log: Callable[[str], None] = print, tls: bool = False,
+             directory: str | None = None) -> SoakResult:  # fmt: skip
+    """
+    Run the soak in C{workdir} for C{seconds} of load; the gateway (and
+    slapd) are stopped afterwards.
+
+    @param tls: part of the sessions over STARTTLS and implicit TLS.
+    @param directory: C{"slapd"}: AUTH against a real slapd instead of the users file.
+    """
+    if directory not in (None, *DIRECTORIES):
+        raise ValueError(f"unknown directory {directory!r}: one of {DIRECTORIES}")
     gw_dir = workdir / "gw"
     gw_dir.mkdir(parents=True, exist_ok=True)
-    for name, password in USERS:
-        add_user(gw_dir / "users", name, password, [f"{name}@{DOMAIN}"], ["Devices"])
-    gw = RelaygwProcess(gw_dir, soak_config(anon, auth, admin, downstream.port),
-                        ports=[anon, auth])
+    anon, auth, admin, anon_tls, auth_tls, implicit = free_ports(6)
+    ports = Ports(anon, auth, *((anon_tls, auth_tls, implicit) if tls else ()))
+    context = None
+    if tls:
+        _write_certificate(gw_dir, workdir / "soak-ca.pem")
+        context = client_context(cafile=workdir / "soak-ca.pem")
+    setup = Setup(ports, context, directory is not None)
+    slapd = S.start_slapd(workdir / "slapd") if directory == "slapd" else None
+    downstream = None
+    try:
+        downstream = FlakySMTP(rates, seed=seed).start()
+        if slapd is not None:
+            (gw_dir / "ldap.secret").write_text(S.SERVICE_PASSWORD + "\n")
+        else:
+            for name, password in USERS:
+                add_user(gw_dir / "users", name, password, [f"{name}@{DOMAIN}"], ["Devices"])
+        config = soak_config(anon, auth, admin, downstream.port, tls=ports if tls else None,
+                             directory=directory_config(slapd) if slapd else "")
+        options = (["tls"] if tls else []) + ([f"directory {directory}"] if directory else [])
+        return _run(gw_dir, config, setup, downstream, slapd, seconds, clients=clients,
+                    seed=seed, drain_timeout=drain_timeout, log=log, options=options)
+    finally:
+        if downstream is not None:
+            downstream.stop()
+        if slapd is not None:
+            slapd.stop()
+
+
+def _user_binds(slapd: S.Slapd | None) -> int:
+    """User binds slapd has logged (its log is written asynchronously: a lower bound)."""
+    if slapd is None:
+        return 0
+    log = (slapd.directory / "slapd.log").read_text(errors="replace")
+    return sum(log.count(f'BIND dn="{S.user_dn(uid)}" method=128') for uid, _, _ in DIRECTORY_USERS)
+
+
+def _run(gw_dir: Path, config: str, setup: Setup, downstream: FlakySMTP,
+         slapd: S.Slapd | None, seconds: float, *, clients: int, seed: int,
+         drain_timeout: float, log: Callable[[str], None],
+         options: list[str]) -> SoakResult:  # fmt: skip
+    gw = RelaygwProcess(gw_dir, config, ports=setup.ports.listening())
     spool = gw_dir / "var" / "spool"
     book = Book()
     try:
@@ -278,11 +488,12 @@ def run_soak(workdir: Path, seconds: float, *, clients: int = 6, seed: int = 1,
                 "the receiving worker and the delivery process")
         # Warm-up: every code path once (sessions of both kinds, retries,
         # bounces), drained, then the baseline.
-        _client_loop(book, seed + 1000, time.monotonic() + 3, anon, auth)
+        _client_loop(book, seed + 1000, time.monotonic() + 3, setup)
         _drain(spool, drain_timeout)
         book = Book()
         base_count = len(downstream.deliveries())
         time.sleep(6)  # idle outbound connections close after 5 s
+        binds_before = _user_binds(slapd)
         rss_base, fds_before = tree_rss_kib(gw.pid), tree_fds(gw.pid)
         log(f"  after warm-up: RSS per process {tree_rss_each_kib(gw.pid)} KiB")
         peak = [rss_base]
@@ -297,7 +508,7 @@ def run_soak(workdir: Path, seconds: float, *, clients: int = 6, seed: int = 1,
         started = time.monotonic()
         until = started + seconds
         threads = [threading.Thread(target=_client_loop, daemon=True,
-                                    args=(book, seed + n, until, anon, auth))
+                                    args=(book, seed + n, until, setup))
                    for n in range(clients)]
         for t in threads:
             t.start()
@@ -306,7 +517,9 @@ def run_soak(workdir: Path, seconds: float, *, clients: int = 6, seed: int = 1,
             time.sleep(1)
             if time.monotonic() >= next_note:
                 next_note += 60
-                log(f"  {time.monotonic() - started:.0f} s: {book.sessions} sessions, "
+                extra = (f" ({book.tls_sessions} TLS, {book.directory_logins} directory "
+                         f"logins)" if options else "")
+                log(f"  {time.monotonic() - started:.0f} s: {book.sessions} sessions{extra}, "
                     f"{len(book.acked)} acknowledged, {len(downstream.deliveries())} delivered, "
                     f"RSS {tree_rss_kib(gw.pid)} KiB")
         for t in threads:
@@ -320,11 +533,20 @@ def run_soak(workdir: Path, seconds: float, *, clients: int = 6, seed: int = 1,
         log(f"  drained: RSS per process {tree_rss_each_kib(gw.pid)} KiB")
         fds_after = tree_fds(gw.pid)
         deliveries = downstream.deliveries()[base_count:]
-        return _balance(book, deliveries, loaded, downstream.faults(), rss_base,
-                        max(peak[0], rss_after), rss_after, fds_before, fds_after)
+        result = _balance(book, deliveries, loaded, downstream.faults(), rss_base,
+                          max(peak[0], rss_after), rss_after, fds_before, fds_after)
+        result.options = options
+        result.directory_binds = _user_binds(slapd) - binds_before
+        if slapd is not None and result.directory_binds < book.directory_logins:
+            time.sleep(1)  # slapd's log lags behind
+            result.directory_binds = _user_binds(slapd) - binds_before
+            if result.directory_binds < book.directory_logins:
+                result.problems.append(
+                    f"{book.directory_logins} directory logins but {result.directory_binds}"
+                    " user binds in slapd's log")
+        return result
     finally:
         gw.stop()
-        downstream.stop()
 
 
 def _drain(spool: Path, timeout: float) -> None:
@@ -401,4 +623,6 @@ def _balance(book: Book, deliveries: list[Delivery], loaded: float, faults: Coun
         delivered=sum(got.values()), bounced=sum(dsns.values()), duplicates=duplicates,
         faults=dict(faults), rss_baseline_kib=rss_base, rss_peak_kib=rss_peak,
         rss_after_kib=rss_after, fds_before=fds_before, fds_after=fds_after, problems=problems,
+        kinds=dict(book.kinds), tls_sessions=book.tls_sessions,
+        directory_logins=book.directory_logins,
     )
