@@ -211,6 +211,27 @@ class SchedulerTests(Harness):
         self.assertEqual(self.local.calls, [("A", ("a@local.test",))])
         self.assertIsNone(s.next_attempt("GONE"))
 
+    def test_id_told_while_its_attempt_runs_is_not_tried_again(self) -> None:
+        """
+        An id told while its attempt is in flight (a new delivery process
+        lists an entry, then reads its id on the pipe) is not tried again
+        when that attempt ends: a committed id is never committed again, so
+        a second attempt would only repeat the first (a deferred message
+        retried at once instead of on its schedule).
+        """
+        self.local.manual = True
+        self.local.script = {"a@local.test": [LATER]}
+        s = self.scheduler()
+        self.spool.add(envelope("A", "a@local.test"))
+        s.start(self.spool.iter_entries())
+        self.clock.advance(0)
+        self.assertEqual(s.active, frozenset({"A"}))
+        s.enqueue_id("A")
+        self.local.release()
+        self.clock.advance(0)
+        self.assertEqual(len(self.local.calls), 1)
+        self.assertEqual(s.next_attempt("A"), T0 + 60)
+
     def test_delivered_message_leaves_spool(self) -> None:
         """When every recipient is delivered, the entry is removed from the spool."""
         s = self.scheduler()

@@ -141,8 +141,13 @@ class Scheduler:
         """
         Like L{enqueue}, by queue id: the attempt loads the envelope, so a
         caller that only has the id need not read it first.  An id that is
-        not in the spool is logged and dropped by the attempt.
+        not in the spool is logged and dropped by the attempt.  An id whose
+        attempt is in flight is left to it: ids are never committed twice, so
+        this is the same entry told twice (listed by a new delivery process,
+        then read on its pipe), and a second attempt would only repeat it.
         """
+        if queue_id in self._active:
+            return
         self._schedule(queue_id, self._clock.seconds())
         self._arm()
 
