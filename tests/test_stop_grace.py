@@ -29,6 +29,7 @@ from twisted.trial.unittest import TestCase
 from relaygw._types import IServeReactor
 from relaygw.config._load import load_text
 from relaygw.service import RelayGatewayService
+from tests.e2e.conftest import LOCAL_MAILDIR
 
 _CONFIG = """
 [gateway]
@@ -36,16 +37,7 @@ hostname = "mx.example.test"
 spool_dir = "spool"
 log_dir = "log"
 default_route = "local"
-
-[[accepted_domains]]
-domain = "example.test"
-route = "local"
-
-[[routes]]
-name = "local"
-via = "maildir"
-maildir = "mail"
-
+""" + LOCAL_MAILDIR + """
 [[connectors]]
 name = "Submission"
 bindings = ["127.0.0.1:{starttls}"]

@@ -235,8 +235,9 @@ def client_hello() -> bytes:
     return hello
 
 
-def _after_starttls(port: int) -> socket.socket:
-    sock = _connect(port)
+def _after_starttls(port: int, source: str | None = None) -> socket.socket:
+    """EHLO, then STARTTLS answered 220: the next bytes are the client's ClientHello."""
+    sock = _connect(port, source)
     _greeted(sock)
     sock.sendall(b"EHLO slow-tls.hostile.test\r\n")
     _read_until(sock, lambda d: d.endswith(b"\r\n") and b"\r\n250 " in b"\r\n" + d)

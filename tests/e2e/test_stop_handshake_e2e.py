@@ -38,7 +38,8 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import Launch, gateway_toml, smarthost_relay, smtp, spool_entries
-from tests.e2e.test_hostile_clients_e2e import _connect, _greeted, _read_until
+from tests.e2e.test_hostile_clients_e2e import _connect, _read_until
+from tests.e2e.test_slowloris_e2e import _after_starttls
 from tests.e2e.test_tls_e2e import _connector_pem
 from tests.servers.ports import free_ports, wait_until
 from tests.servers.sink import SmtpSink
@@ -162,17 +163,6 @@ def _submit(send: Callable[[bytes], None], read_until: Callable[[Callable[[bytes
     return reply
 
 
-def _starttls_accepted(port: int, source: str | None = None) -> socket.socket:
-    """EHLO, then STARTTLS answered 220: the next bytes are the client's ClientHello."""
-    sock = _connect(port, source)
-    _greeted(sock)
-    sock.sendall(b"EHLO stalled.e2e.test\r\n")
-    _read_until(sock, lambda d: d.endswith(b"\r\n") and b"\r\n250 " in b"\r\n" + d)
-    sock.sendall(b"STARTTLS\r\n")
-    assert _read_until(sock, lambda d: d.endswith(b"\r\n")) == b"220 2.0.0 SMTP server ready\r\n"
-    return sock
-
-
 def _stalled_handshakes(starttls: int, implicit: int) -> dict[str, socket.socket]:
     # The implicit-TLS ones get no reply: opened first, they are accepted
     # (level-triggered, by whichever process) during the round trips of
@@ -183,8 +173,8 @@ def _stalled_handshakes(starttls: int, implicit: int) -> dict[str, socket.socket
     return {
         "implicit, no ClientHello": silent,
         "implicit, half a ClientHello": half,
-        "starttls, no ClientHello": _starttls_accepted(starttls),
-        "starttls, half a ClientHello": HalfHello(_starttls_accepted(starttls)).sock,
+        "starttls, no ClientHello": _after_starttls(starttls),
+        "starttls, half a ClientHello": HalfHello(_after_starttls(starttls)).sock,
     }
 
 
@@ -233,7 +223,7 @@ def test_sigterm_with_stalled_tls_handshakes(launch: Launch, workdir: Path, work
     finishing.sock.sendall(_message("finished after SIGTERM") + b"first half\r\n")
     abandoning.sock.sendall(_message("abandoned after SIGTERM") + b"first half\r\n")
     # Handshakes begun before the SIGTERM and completed after it.
-    resumed_starttls = _starttls_accepted(starttls, RESUMING)
+    resumed_starttls = _after_starttls(starttls, RESUMING)
     resumed_implicit = HalfHello(_connect(implicit, RESUMING))
     time.sleep(0.2)  # the half ClientHellos reach the gateway
 
