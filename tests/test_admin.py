@@ -13,7 +13,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import urllib.error
@@ -43,6 +42,7 @@ from relaygw.ops.metrics import AUTH_RESULTS, Metrics
 from relaygw.service import build_directory
 from relaygw.spool.envelope import Envelope, Recipient
 from relaygw.spool.store import DirectorySpool
+from tests.servers.ports import free_port
 
 _CONFIG = """
 [gateway]
@@ -90,13 +90,6 @@ SPEC_METRICS = {
     "relaygw_auth_attempts": ("counter", {"connector", "result"}),
     "relaygw_directory_request_seconds": ("histogram", set()),
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _reactor() -> IServeReactor:
@@ -159,7 +152,7 @@ class _Admin:
                  publisher: LogPublisher | None = None) -> None:  # fmt: skip
         self.base = Path(tempfile.mkdtemp(prefix="relaygw-admin-"))
         case.addCleanup(shutil.rmtree, self.base, True)
-        self.port = _free_port()
+        self.port = free_port()
         text = _CONFIG.format(admin_listen=f"127.0.0.1:{self.port}", gateway=gateway, rest=rest)
         self.config: Config = load_text(text, "relaygw.toml", self.base)
         self.ports: list[_Port] = [_Port(2525), _Port(5870)]
@@ -330,7 +323,7 @@ class HealthTests(TestCase):
         LDAPDirectory, a closed loopback port), the directory check fails:
         503; without a [directory] there is no directory check at all.
         """
-        closed = _free_port()
+        closed = free_port()
         admin = _Admin(self, rest=f"""
 [directory]
 kind = "ldap"
@@ -508,7 +501,7 @@ class MetricsTests(TestCase):
         A real directory request (a login against a server that refuses the
         connection) emits the event the histogram observes.
         """
-        closed = _free_port()
+        closed = free_port()
         admin = _Admin(self, rest=f"""
 [directory]
 kind = "ldap"

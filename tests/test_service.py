@@ -23,6 +23,7 @@ from relaygw.config._load import load_text
 from relaygw.config._model import Config
 from relaygw.listen.bindings import ListenError
 from relaygw.service import RelayGatewayService, StartupError
+from tests.servers.ports import free_ports
 
 _CONFIG = """
 [gateway]
@@ -51,13 +52,6 @@ name = "local"
 via = "maildir"
 maildir = "mail"
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _read_line(port: int) -> bytes:
@@ -94,7 +88,7 @@ class ServiceTests(TestCase):
     def setUp(self) -> None:
         self.base = Path(tempfile.mkdtemp(prefix="relaygw-service-"))
         self.addCleanup(shutil.rmtree, self.base, True)
-        self.plain, self.submission = _free_port(), _free_port()
+        self.plain, self.submission = free_ports(2)
         self.config = self._config(self.plain, self.submission)
 
     def _config(self, plain: int, submission: int) -> Config:

@@ -34,6 +34,8 @@ from relaygw.deliver.smtpclient import (
     check_tls_mode,
     make_client,
 )
+from tests.servers.ports import free_port
+
 
 def _tmpdir(case: SynchronousTestCase) -> Path:
     """A fresh temporary directory outside the work tree, removed after the test."""
@@ -509,14 +511,6 @@ class ProtocolTests(SynchronousTestCase):
 
 
 # -- real peers on loopback ------------------------------------------------
-
-
-def free_port() -> int:
-    """A loopback TCP port nobody listens on (bound and closed)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class SmtpSink:

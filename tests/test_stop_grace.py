@@ -30,6 +30,7 @@ from relaygw._types import IServeReactor
 from relaygw.config._load import load_text
 from relaygw.service import RelayGatewayService
 from tests.e2e.conftest import LOCAL_MAILDIR
+from tests.servers.ports import free_ports
 
 _CONFIG = """
 [gateway]
@@ -52,17 +53,6 @@ certificate = "tls/mail.pem"
 """
 
 GRACE = 1.0
-
-
-def _free_ports(count: int) -> list[int]:
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _read_until(sock: socket.socket, end: bytes) -> bytes:
@@ -132,7 +122,7 @@ class StopGraceTests(TestCase):
     def setUp(self) -> None:
         self.base = Path(tempfile.mkdtemp(prefix="relaygw-grace-"))
         self.addCleanup(shutil.rmtree, self.base, True)
-        self.starttls, self.implicit = _free_ports(2)
+        self.starttls, self.implicit = free_ports(2)
         text = _CONFIG.format(starttls=self.starttls, implicit=self.implicit)
         self.config = load_text(text, "test.toml", self.base)
         self.events: list[dict[str, Any]] = []

@@ -29,7 +29,8 @@ from relaygw.deliver.targets import (
 )
 from relaygw.interfaces import IDeliveryTarget
 from relaygw.spool.envelope import Envelope, Recipient
-from tests.test_smtpclient import SINK_MISSING, SMTP_SINK, free_port, start_sink
+from tests.servers.ports import free_port
+from tests.test_smtpclient import SINK_MISSING, SMTP_SINK, start_sink
 
 def _tmpdir(case: SynchronousTestCase) -> Path:
     """A fresh temporary directory outside the work tree, removed after the test."""

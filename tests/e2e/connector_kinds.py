@@ -242,6 +242,17 @@ class Setup:
         wait_until(lambda: ids <= set(self.probes()), timeout, 0.1,
                    what=f"{len(ids)} probe(s) to arrive downstream")  # fmt: skip
 
+    def wait_recipients(self, probe: str, count: int, timeout: float = 60) -> None:
+        """
+        Wait until C{count} recipients of probe C{probe} arrived downstream,
+        over every route (each route delivers its part on its own schedule).
+        """
+        def arrived() -> int:
+            return sum(len(t.accepted) for _, t in self.probes().get(probe, []))
+
+        wait_until(lambda: arrived() >= count, timeout, 0.1,
+                   what=f"{count} recipient(s) of {probe} to arrive downstream")  # fmt: skip
+
 
 def start(workdir: Path, *, extended: bool = False) -> Setup:
     """

@@ -23,6 +23,7 @@ gateway and the message, found by its unique Message-ID, at the downstream.
 
 from __future__ import annotations
 
+import os
 import resource
 import select
 import smtplib
@@ -37,7 +38,7 @@ import pytest
 
 from tests.e2e.conftest import Launch, gateway_toml, smarthost_relay, spool_entries
 from tests.servers.ports import free_ports, wait_until
-from tests.servers.procstats import tree_fds, tree_rss_kib
+from tests.servers.procstats import tree, tree_fds, tree_rss_kib
 from tests.servers.relaygw import RelaygwProcess
 from tests.servers.scripted_smtp import ScriptedSMTP
 
@@ -353,6 +354,41 @@ def test_two_gib_not_announced_streamed_and_refused(gw: Gateway) -> None:
 # -- many idle connections ---------------------------------------------------------
 
 
+def _fd_links(pid: int) -> dict[int, dict[str, str]]:
+    """What each descriptor of each process of the tree of C{pid} refers to (readlink)."""
+    links: dict[int, dict[str, str]] = {}
+    for p in tree(pid):
+        links[p] = {}
+        try:
+            fds = os.listdir(f"/proc/{p}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                links[p][fd] = os.readlink(f"/proc/{p}/fd/{fd}")
+            except OSError:
+                pass
+    return links
+
+
+def _fd_changes(before: dict[int, dict[str, str]], after: dict[int, dict[str, str]]) -> str:
+    """Per process, the descriptors added and removed between two L{_fd_links}."""
+    lines = []
+    for p in sorted(before.keys() | after.keys()):
+        if p not in after:
+            lines.append(f"pid {p}: gone (had {len(before[p])})")
+            continue
+        if p not in before:
+            lines.append(f"pid {p}: new, {sorted(after[p].items())}")
+            continue
+        old, new = before[p], after[p]
+        added = {fd: t for fd, t in new.items() if old.get(fd) != t}
+        removed = {fd: t for fd, t in old.items() if new.get(fd) != t}
+        if added or removed:
+            lines.append(f"pid {p}: + {sorted(added.items())} - {sorted(removed.items())}")
+    return "\n".join(lines) or "no descriptor differs now"
+
+
 @pytest.fixture
 def nofile() -> Iterator[int]:
     """RLIMIT_NOFILE raised for this process (and the gateway it starts) for IDLE sockets."""
@@ -385,6 +421,7 @@ def test_ten_thousand_idle_connections(
     wait_until(lambda: len(tree_fds(proc.pid)) == 3, 20,
                what="the receiving worker and the delivery process")
     fds_before = tree_fds(proc.pid)
+    links_before = _fd_links(proc.pid)
     rss_before = gw.rss_kib()
 
     poller = select.epoll()
@@ -446,6 +483,12 @@ def test_ten_thousand_idle_connections(
         for sock in socks.values():
             sock.close()
     # (An idle delivery connection may close meanwhile: at most as many.)
-    wait_until(lambda: all(n <= fds_before.get(pid, -1) for pid, n in tree_fds(proc.pid).items()),
-               30, what=f"the gateway's descriptors back to {fds_before}")
-    print(f"descriptors per process before {fds_before}, after {tree_fds(proc.pid)}")
+    try:
+        wait_until(lambda: all(n <= fds_before.get(pid, -1)
+                               for pid, n in tree_fds(proc.pid).items()),
+                   30, what=f"the gateway's descriptors back to {fds_before}")
+    except TimeoutError as e:
+        raise AssertionError(f"{e}; now {tree_fds(proc.pid)}:\n"
+                             f"{_fd_changes(links_before, _fd_links(proc.pid))}") from None
+    print(f"descriptors per process before {fds_before}, after {tree_fds(proc.pid)}; "
+          f"{_fd_changes(links_before, _fd_links(proc.pid))}")

@@ -313,7 +313,7 @@ def test_recipient_limit(setup: K.Setup, kind: str) -> None:
     assert client.command("RSET").code == 250
     assert client.command("QUIT").code == 221
     client.close()
-    setup.wait_delivered({probe})
+    setup.wait_recipients(probe, len(wanted))
     delivered = setup.probes()[probe]
     routes = {name: sorted(t.accepted) for name, t in delivered}
     assert sorted(a for r in routes.values() for a in r) == sorted(wanted)

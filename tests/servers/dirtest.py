@@ -12,7 +12,6 @@ the real reactor.
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -27,6 +26,7 @@ from twisted.trial.unittest import TestCase
 
 from relaygw.auth.directory import LDAPDirectory
 from relaygw.config._model import Directory, DirectoryKind
+from tests.servers.ports import free_port
 
 AD_FILTER = (
     "(&(objectCategory=person)(objectClass=user)"
@@ -47,10 +47,7 @@ def unavailable(reason: str | None) -> None:
 
 def closed_port() -> int:
     """A loopback port that nothing listens on (connections are refused)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
+    return free_port()
 
 
 def settings(

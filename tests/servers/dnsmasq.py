@@ -21,6 +21,7 @@ from pathlib import Path
 
 from twisted.names import dns
 
+from tests.servers.ports import free_port
 from tests.servers.procs import stop_process
 
 #: The test zone: (dnsmasq option, value) pairs.
@@ -59,13 +60,6 @@ def dnsmasq_binary() -> str | None:
     return shutil.which("dnsmasq") or (
         "/usr/sbin/dnsmasq" if Path("/usr/sbin/dnsmasq").exists() else None
     )
-
-
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class _Servfail:
@@ -114,7 +108,7 @@ class Dnsmasq:
         """
         self.workdir = Path(workdir)
         self.extra = extra
-        self.port = _free_udp_port()
+        self.port = free_port()  # dnsmasq takes it for UDP and TCP
         # Held open, never read: dnsmasq's forwarded timeout.test queries die here.
         self._blackhole = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._blackhole.bind(("127.0.0.1", 0))

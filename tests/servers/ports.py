@@ -4,34 +4,66 @@ Free loopback ports and waiting for a listener.
 
 from __future__ import annotations
 
+import errno
+import random
 import socket
 import subprocess
 import time
 from collections.abc import Iterable
+from pathlib import Path
+
+
+def _outside_ephemeral() -> range:
+    """
+    Where test servers' ports are chosen: outside the kernel's ephemeral
+    range (net.ipv4.ip_local_port_range, 32768-60999 by default), so that no
+    client's source port, TCP or UDP (a resolver's query), takes one between
+    its choice and the server's bind, as a port chosen by a bind to port 0 can.
+    """
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    if low >= 21000:
+        return range(20000, low)
+    if high <= 64000:
+        return range(high + 1, 65536)
+    return range(20000, 32768)  # no room outside it: the old default's
+
+
+PORTS = _outside_ephemeral()
+_random = random.SystemRandom()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """
-    A TCP port on C{host} that nothing listens on right now (the kernel's
-    choice for a bind to port 0).
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A port on C{host} that no TCP or UDP socket holds right now (see L{PORTS})."""
+    return free_ports(1, host)[0]
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """C{count} distinct free ports (held open together while choosing)."""
+    """
+    C{count} distinct ports of L{PORTS} that no TCP or UDP socket holds on
+    C{host} right now, each held open (both kinds, no C{SO_REUSEADDR}, so
+    a port in TIME_WAIT is passed over) until all are chosen.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    socks = []
+    socks: list[socket.socket] = []
+    chosen: list[int] = []
     try:
-        for _ in range(count):
-            s = socket.socket(family, socket.SOCK_STREAM)
-            s.bind((host, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
+        for port in _random.sample(PORTS, min(len(PORTS), 50 * count + 100)):
+            pair = [socket.socket(family, kind) for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM)]
+            socks += pair
+            try:
+                for s in pair:
+                    s.bind((host, port))
+            except OSError as error:
+                if error.errno not in (errno.EADDRINUSE, errno.EACCES):
+                    raise
+                continue
+            chosen.append(port)
+            if len(chosen) == count:
+                return chosen
+        raise RuntimeError(f"no {count} free ports on {host} in {PORTS}")
     finally:
         for s in socks:
             s.close()
