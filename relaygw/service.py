@@ -82,6 +82,7 @@ def build_directory(
     *,
     reactor: IReactorFromThreads | None,
     threadpool: ThreadPool | None,
+    clock: IReactorTime | None = None,
 ) -> IDirectory:
     """
     The credential and address store of C{config}: the directory
@@ -90,6 +91,7 @@ def build_directory(
 
     @param reactor: with C{threadpool}, where blocking work runs (required
         for a directory; the users file runs inline without them).
+    @param clock: the users file's, for changes made in place.
     @raise StartupError: the bind password file cannot be read, or the
         directory settings are unusable.
     """
@@ -98,7 +100,7 @@ def build_directory(
     settings = config.directory
     if settings is None:
         users = config.users.file if config.users is not None else Path("users")
-        return UsersFile(users, reactor=reactor, threadpool=threadpool)
+        return UsersFile(users, reactor=reactor, threadpool=threadpool, clock=clock)
     password = ""
     if settings.bind_password_file is not None:
         try:
@@ -440,6 +442,7 @@ class RelayGatewayService(MultiService):
                 config,
                 reactor=cast(IReactorFromThreads, self._reactor) if self._auth_pool else None,
                 threadpool=self._auth_pool,
+                clock=self._reactor,
             )
             planned = plan_sockets(config.connectors)
             moved = self._adopt is None and any(socket_changes(self._plans, planned))
@@ -569,10 +572,10 @@ class RelayGatewayService(MultiService):
 
         reactor = self._reactor
         if not IReactorFromThreads.providedBy(reactor):
-            return build_directory(self.config, reactor=None, threadpool=None)
+            return build_directory(self.config, reactor=None, threadpool=None, clock=reactor)
         pool = ThreadPool(minthreads=0, maxthreads=AUTH_THREADS, name="relaygw-auth")
         directory = build_directory(
-            self.config, reactor=cast(IReactorFromThreads, reactor), threadpool=pool
+            self.config, reactor=cast(IReactorFromThreads, reactor), threadpool=pool, clock=reactor
         )
         pool.start()
         self._auth_pool = pool

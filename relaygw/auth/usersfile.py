@@ -18,11 +18,15 @@ fsync) with mode 0600, and re-read when its inode, size or modification
 time changes (checked, with one C{stat}, on every use).  A replaced file
 (a new inode: relaygw's own writes, editors that save by rename) is used at
 once; a file changed in place (an editor writing over it, which may show
-it empty or half-written for a moment) once it has not changed for
-L{SETTLE} seconds.  Until then, and whenever a version cannot be read
-(logged once, with file and line), the last good version stays in use, so
-that users the edit leaves alone never see a 535 (which would also count
-against the AUTH throttle).
+it empty or half-written for a moment) once it has looked the same for
+L{SETTLE} seconds on the gateway's own clock, not by the file's times:
+ext4 shows a file being truncated with its new size (0) before its new
+modification time, so an emptied file would look old.  A login that finds
+such a change pending waits for it (once, at most L{SETTLE}), so the first
+login after an edit gets the new version.  Until then, and whenever a
+version cannot be read (logged once, with file and line), the last good
+version stays in use, so that users the edit leaves alone never see a 535
+(which would also count against the AUTH throttle).
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ from typing import Callable, TypeVar
 from attrs import field, frozen
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -64,7 +69,7 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
-#: Seconds a file changed in place must stay unchanged before it is used.
+#: Seconds a file changed in place must be seen unchanged before it is used.
 SETTLE = 1.0
 _N, _R, _P = 2**14, 8, 1
 _MAXMEM = 64 * 1024 * 1024
@@ -286,12 +291,13 @@ class UsersFile:
         *,
         reactor: IReactorFromThreads | None = None,
         threadpool: ThreadPool | None = None,
-        now: Callable[[], float] = time.time,
+        clock: IReactorTime | None = None,
     ) -> None:
         """
         @param reactor: with C{threadpool}, where scrypt runs (off the
             reactor thread); without them it runs inline (the CLI).
-        @param now: the wall clock the file's modification time is compared with.
+        @param clock: what a change in place is timed on and a login waits
+            on for it; without it (the CLI) the monotonic clock, no wait.
         """
         self.path = path
         self._reactor = reactor
@@ -300,7 +306,10 @@ class UsersFile:
             _return_large_buffers()
         self._users: dict[str, UserEntry] = {}
         self._stamp: tuple[int, int, int] | None = None
-        self._now = now
+        self._clock = clock
+        self._now: Callable[[], float] = clock.seconds if clock is not None else time.monotonic
+        #: A change in place not used yet: its stamp and when it was first seen so.
+        self._seen: tuple[tuple[int, int, int], float] | None = None
 
     def _stat(self) -> tuple[int, int, int]:
         try:
@@ -309,34 +318,49 @@ class UsersFile:
             return (0, 0, 0)
         return (st.st_ino, st.st_size, st.st_mtime_ns)
 
-    def _current(self) -> dict[str, UserEntry]:
+    def _current(self) -> tuple[dict[str, UserEntry], float]:
+        """The users in use, and the seconds until a pending change in place may be used."""
         stamp = self._stat()
         if stamp == self._stamp:
-            return self._users
+            return self._users, 0.0
         if self._stamp is not None and stamp[0] == self._stamp[0] and stamp[0]:
             # Changed in place (same inode: an editor saving over the file,
             # not a rename): it may be half-written.  Keep the last good
-            # version until the file has been quiet for SETTLE seconds.
-            age = self._now() - stamp[2] / 1e9
-            if 0 <= age < SETTLE:
-                return self._users
+            # version until the file has looked the same for SETTLE seconds.
+            now = self._now()
+            if self._seen is None or self._seen[0] != stamp:
+                self._seen = (stamp, now)
+            if now - self._seen[1] < SETTLE:
+                return self._users, self._seen[1] + SETTLE - now
         try:
             users, problem = read_users(self.path), ""
         except UsersFileError as error:
             users, problem = self._users, str(error)
         if self._stat() != stamp:
-            return self._users  # written while read: read it again next time
+            return self._users, 0.0  # written while read: read it again next time
         if problem:
             # Logged once per version (the stamp is kept), with file and line.
             self._log.error("users file not reloaded, the previous version stays: {problem}",
                             problem=problem)
             self._stamp = stamp
-            return self._users
+            return self._users, 0.0
         if self._stamp is not None:
             self._log.info("users file {path} reloaded: {count} user(s)",
                            path=str(self.path), count=len(users))
         self._users, self._stamp = users, stamp
-        return self._users
+        return self._users, 0.0
+
+    def _settled(self, use: Callable[[dict[str, UserEntry]], Deferred[_T]]) -> Deferred[_T]:
+        """
+        C{use(users)}; when the file was just changed in place, after waiting
+        for that change to settle (once: a file still changing then leaves
+        the last good version in use).
+        """
+        users, wait = self._current()
+        if wait <= 0 or self._clock is None:
+            return use(users)
+        return deferLater(self._clock, wait, lambda: None).addCallback(
+            lambda _: use(self._current()[0]))
 
     def _run(self, f: Callable[[], _T]) -> Deferred[_T]:
         if self._reactor is not None and self._pool is not None:
@@ -352,20 +376,25 @@ class UsersFile:
         """See L{IDirectory.authenticate}; one name per user here, so no C{gate} to ask."""
         if not password:
             return fail(UnauthorizedLogin("empty password"))
-        entry = self._current().get(username.casefold())
-        encoded = entry.password_hash if entry is not None else _DUMMY
 
-        def check() -> AuthenticatedUser:
-            if not verify_password(password, encoded) or entry is None:
-                raise UnauthorizedLogin("unknown user or wrong password")
-            return entry.user()
+        def verify(users: dict[str, UserEntry]) -> Deferred[AuthenticatedUser]:
+            entry = users.get(username.casefold())
+            encoded = entry.password_hash if entry is not None else _DUMMY
 
-        return self._run(check)
+            def check() -> AuthenticatedUser:
+                if not verify_password(password, encoded) or entry is None:
+                    raise UnauthorizedLogin("unknown user or wrong password")
+                return entry.user()
+
+            return self._run(check)
+
+        return self._settled(verify)
 
     def has_address(self, address: str) -> Deferred[bool]:
         """See L{IDirectory.has_address}."""
         wanted = address.lower()
-        return succeed(any(wanted in e.addresses for e in self._current().values()))
+        return self._settled(lambda users: succeed(any(wanted in e.addresses
+                                                       for e in users.values())))  # fmt: skip
 
     def check(self) -> Deferred[None]:
         """See L{IDirectory.check}: the file is readable (or absent, meaning no users)."""
@@ -377,4 +406,4 @@ class UsersFile:
 
     def users(self) -> dict[str, UserEntry]:
         """The current users by case-folded name (re-read when the file changed)."""
-        return dict(self._current())
+        return dict(self._current()[0])
