@@ -389,6 +389,78 @@ def _fd_changes(before: dict[int, dict[str, str]], after: dict[int, dict[str, st
     return "\n".join(lines) or "no descriptor differs now"
 
 
+#: /proc/net/tcp's state numbers (include/net/tcp_states.h).
+_TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2",
+               6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN",
+               11: "CLOSING"}
+
+
+def _tcp4() -> Iterator[tuple[tuple[str, int], tuple[str, int], str, str]]:
+    """(local, remote, state, socket inode) of every IPv4 TCP socket, from /proc/net/tcp."""
+    def address(field: str) -> tuple[str, int]:
+        ip, port = field.split(":")
+        return socket.inet_ntoa(bytes.fromhex(ip)[::-1]), int(port, 16)
+
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            yield (address(fields[1]), address(fields[2]),
+                   _TCP_STATES.get(int(fields[3], 16), fields[3]), fields[9])
+
+
+def _sessions_held(port: int) -> list[str]:
+    """
+    The gateway's ends of connections to C{port} that a process still holds
+    (a socket in TIME_WAIT has no descriptor: inode 0), as C{peer state}.
+    """
+    return [f"{remote[0]}:{remote[1]} {state}" for local, remote, state, inode in _tcp4()
+            if local[1] == port and state != "LISTEN" and inode != "0"]
+
+
+def _holder(pids: list[int], inode: str) -> int | None:
+    """Which of C{pids} holds the socket C{inode}."""
+    for pid in pids:
+        try:
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]"
+                   for fd in os.listdir(f"/proc/{pid}/fd")):
+                return pid
+        except OSError:
+            continue
+    return None
+
+
+def _greeted_by_each(port: int, receivers: list[int], timeout: float = 30) -> int:
+    """
+    Open sessions (greeting, QUIT) until each of the C{receivers} has greeted
+    one: a receiving worker that greets has finished starting (its reactor
+    runs; its stdin reader and SIGCHLD pipe are open), so descriptors counted
+    afterwards are its steady ones.  The kernel hands each connection to
+    whichever process accepts first, hence the loop (paced: a worker still
+    starting accepts nothing meanwhile).
+
+    @return: the sessions it took.
+    """
+    waiting = set(receivers)
+    sessions = 0
+    deadline = time.monotonic() + timeout
+    while waiting and time.monotonic() < deadline:
+        with _connect(port) as sock:
+            _greeted(sock)
+            sessions += 1
+            mine = sock.getsockname()
+            inode = next((i for local, remote, _, i in _tcp4()
+                          if local == (HOST, port) and remote == mine), None)
+            holder = None if inode is None else _holder(receivers, inode)
+            if holder is not None:
+                waiting.discard(holder)
+            sock.sendall(b"QUIT\r\n")
+            assert _read_until(sock, lambda d: False).startswith(b"221 ")
+        time.sleep(0.02)
+    assert not waiting, f"no session greeted by {sorted(waiting)} of {receivers} in {sessions}"
+    return sessions
+
+
 @pytest.fixture
 def nofile() -> Iterator[int]:
     """RLIMIT_NOFILE raised for this process (and the gateway it starts) for IDLE sockets."""
@@ -417,9 +489,18 @@ def test_ten_thousand_idle_connections(
     proc = launch(workdir / "gw", _config(port, admin, downstream.port, command=15,
                                           extra="max_connections = 10050"), [port])
     gw = Gateway(proc, port, downstream)
-    gw.others_served()
+    gw.others_served()  # the delivery process has started: it delivered
     wait_until(lambda: len(tree_fds(proc.pid)) == 3, 20,
                what="the receiving worker and the delivery process")
+    # The count before is that of started processes: the gateway is ready
+    # (relaygw.service) before its receiving worker has finished starting,
+    # which opens 3 more descriptors (its stdin reader's /dev/null, the
+    # reactor's SIGCHLD pipe) once the gateway has already served a client.
+    receivers = [p for p in tree(proc.pid)
+                 if p == proc.pid or b"relaygw.receiver" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert len(receivers) == 2, receivers
+    warm = _greeted_by_each(port, receivers)
+    wait_until(lambda: not _sessions_held(port), 20, what="the warm-up sessions closed")
     fds_before = tree_fds(proc.pid)
     links_before = _fd_links(proc.pid)
     rss_before = gw.rss_kib()
@@ -489,6 +570,8 @@ def test_ten_thousand_idle_connections(
                    30, what=f"the gateway's descriptors back to {fds_before}")
     except TimeoutError as e:
         raise AssertionError(f"{e}; now {tree_fds(proc.pid)}:\n"
-                             f"{_fd_changes(links_before, _fd_links(proc.pid))}") from None
-    print(f"descriptors per process before {fds_before}, after {tree_fds(proc.pid)}; "
+                             f"{_fd_changes(links_before, _fd_links(proc.pid))}\n"
+                             f"sessions still held: {_sessions_held(port)[:20]}") from None
+    print(f"{warm} sessions until each receiving process greeted one; "
+          f"descriptors per process before {fds_before}, after {tree_fds(proc.pid)}; "
           f"{_fd_changes(links_before, _fd_links(proc.pid))}")
