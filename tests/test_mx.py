@@ -6,7 +6,6 @@ as the route's C{port} applies to every exchanger).
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -30,8 +29,7 @@ from relaygw.deliver.smtpclient import ClientTimeouts
 from relaygw.spool.envelope import Outcome
 from tests.servers.dnsmasq import DNSMASQ_MISSING, Dnsmasq, dnsmasq_missing
 from tests.servers.ports import free_port
-from tests.servers.sink import SmtpSink
-from tests.test_smtpclient import SINK_MISSING, SMTP_SINK
+from tests.servers.sink import SINK_MISSING, SmtpSink, sink_missing
 from tests.test_targets import _envelope
 
 pytestmark = pytest.mark.skipif(dnsmasq_missing(), reason=DNSMASQ_MISSING)
@@ -97,7 +95,7 @@ class LookupTests(_DNSCase):
         self.assertEqual(await lookup_addresses(self.resolver, "nowhere.badmx.test"), [])
 
 
-@pytest.mark.skipif(not os.path.exists(SMTP_SINK), reason=SINK_MISSING)
+@pytest.mark.skipif(sink_missing(), reason=SINK_MISSING)
 class MXTargetTests(_DNSCase):
     def setUp(self) -> None:
         super().setUp()

@@ -35,6 +35,7 @@ from relaygw.deliver.smtpclient import (
     make_client,
 )
 from tests.servers.ports import free_port
+from tests.servers.sink import SINK_MISSING, SMTP_SINK, sink_missing
 
 
 def _tmpdir(case: SynchronousTestCase) -> Path:
@@ -42,10 +43,6 @@ def _tmpdir(case: SynchronousTestCase) -> Path:
     path = Path(tempfile.mkdtemp(prefix="relaygw-test-"))
     case.addCleanup(shutil.rmtree, path, True)
     return path
-
-
-SMTP_SINK = "/usr/sbin/smtp-sink"
-SINK_MISSING = "Postfix's smtp-sink (/usr/sbin/smtp-sink, package postfix) is not installed"
 
 
 class FakeTLS:
@@ -568,7 +565,7 @@ def start_sink(case: TestCase, *options: str) -> SmtpSink:
     return sink
 
 
-@pytest.mark.skipif(not os.path.exists(SMTP_SINK), reason=SINK_MISSING)
+@pytest.mark.skipif(sink_missing(), reason=SINK_MISSING)
 class SinkTests(TestCase):
     """One transaction against smtp-sink over real loopback sockets."""
 

@@ -30,7 +30,8 @@ from relaygw.deliver.targets import (
 from relaygw.interfaces import IDeliveryTarget
 from relaygw.spool.envelope import Envelope, Recipient
 from tests.servers.ports import free_port
-from tests.test_smtpclient import SINK_MISSING, SMTP_SINK, start_sink
+from tests.servers.sink import SINK_MISSING, sink_missing
+from tests.test_smtpclient import start_sink
 
 def _tmpdir(case: SynchronousTestCase) -> Path:
     """A fresh temporary directory outside the work tree, removed after the test."""
@@ -212,7 +213,7 @@ class BuildTests(SynchronousTestCase):
 
 
 
-@pytest.mark.skipif(not os.path.exists(SMTP_SINK), reason=SINK_MISSING)
+@pytest.mark.skipif(sink_missing(), reason=SINK_MISSING)
 class SmarthostTests(TestCase):
     """SmarthostTarget against smtp-sink on loopback (real reactor)."""
 

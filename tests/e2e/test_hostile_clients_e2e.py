@@ -38,7 +38,14 @@ import pytest
 
 from tests.e2e.conftest import Launch, gateway_toml, smarthost_relay, spool_entries
 from tests.servers.ports import free_ports, wait_until
-from tests.servers.procstats import tree, tree_fds, tree_rss_kib
+from tests.servers.procstats import (
+    receiving_workers,
+    socket_inodes,
+    tcp4,
+    tree,
+    tree_fds,
+    tree_rss_kib,
+)
 from tests.servers.relaygw import RelaygwProcess
 from tests.servers.scripted_smtp import ScriptedSMTP
 
@@ -389,45 +396,13 @@ def _fd_changes(before: dict[int, dict[str, str]], after: dict[int, dict[str, st
     return "\n".join(lines) or "no descriptor differs now"
 
 
-#: /proc/net/tcp's state numbers (include/net/tcp_states.h).
-_TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2",
-               6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN",
-               11: "CLOSING"}
-
-
-def _tcp4() -> Iterator[tuple[tuple[str, int], tuple[str, int], str, str]]:
-    """(local, remote, state, socket inode) of every IPv4 TCP socket, from /proc/net/tcp."""
-    def address(field: str) -> tuple[str, int]:
-        ip, port = field.split(":")
-        return socket.inet_ntoa(bytes.fromhex(ip)[::-1]), int(port, 16)
-
-    with open("/proc/net/tcp") as f:
-        next(f)
-        for line in f:
-            fields = line.split()
-            yield (address(fields[1]), address(fields[2]),
-                   _TCP_STATES.get(int(fields[3], 16), fields[3]), fields[9])
-
-
 def _sessions_held(port: int) -> list[str]:
     """
     The gateway's ends of connections to C{port} that a process still holds
     (a socket in TIME_WAIT has no descriptor: inode 0), as C{peer state}.
     """
-    return [f"{remote[0]}:{remote[1]} {state}" for local, remote, state, inode in _tcp4()
-            if local[1] == port and state != "LISTEN" and inode != "0"]
-
-
-def _holder(pids: list[int], inode: str) -> int | None:
-    """Which of C{pids} holds the socket C{inode}."""
-    for pid in pids:
-        try:
-            if any(os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]"
-                   for fd in os.listdir(f"/proc/{pid}/fd")):
-                return pid
-        except OSError:
-            continue
-    return None
+    return [f"{t.remote[0]}:{t.remote[1]} {t.state}" for t in tcp4()
+            if t.local[1] == port and t.state != "LISTEN" and t.inode != "0"]  # fmt: skip
 
 
 def _greeted_by_each(port: int, receivers: list[int], timeout: float = 30) -> int:
@@ -449,11 +424,8 @@ def _greeted_by_each(port: int, receivers: list[int], timeout: float = 30) -> in
             _greeted(sock)
             sessions += 1
             mine = sock.getsockname()
-            inode = next((i for local, remote, _, i in _tcp4()
-                          if local == (HOST, port) and remote == mine), None)
-            holder = None if inode is None else _holder(receivers, inode)
-            if holder is not None:
-                waiting.discard(holder)
+            inodes = {t.inode for t in tcp4() if t.local == (HOST, port) and t.remote == mine}
+            waiting -= {pid for pid in receivers if socket_inodes(pid) & inodes}
             sock.sendall(b"QUIT\r\n")
             assert _read_until(sock, lambda d: False).startswith(b"221 ")
         time.sleep(0.02)
@@ -496,8 +468,7 @@ def test_ten_thousand_idle_connections(
     # (relaygw.service) before its receiving worker has finished starting,
     # which opens 3 more descriptors (its stdin reader's /dev/null, the
     # reactor's SIGCHLD pipe) once the gateway has already served a client.
-    receivers = [p for p in tree(proc.pid)
-                 if p == proc.pid or b"relaygw.receiver" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    receivers = [proc.pid, *receiving_workers(proc.pid)]
     assert len(receivers) == 2, receivers
     warm = _greeted_by_each(port, receivers)
     wait_until(lambda: not _sessions_held(port), 20, what="the warm-up sessions closed")

@@ -27,7 +27,6 @@ abandoned one never is, and no partial entry is left).
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import ssl
@@ -42,7 +41,7 @@ from tests.e2e.test_hostile_clients_e2e import _connect, _read_until
 from tests.e2e.test_slowloris_e2e import _after_starttls
 from tests.e2e.test_tls_e2e import _connector_pem
 from tests.servers.ports import free_ports, wait_until
-from tests.servers.sink import SmtpSink
+from tests.servers.sink import SINK_MISSING, SmtpSink, sink_missing
 from tests.servers.smtp_clients import client_context
 
 pytestmark = pytest.mark.e2e
@@ -195,10 +194,9 @@ def _closed_without_reply(sock: socket.socket) -> bytes:
         sock.close()
 
 
+@pytest.mark.skipif(sink_missing(), reason=SINK_MISSING)
 @pytest.mark.parametrize("workers", [1, 2], ids=["twistd-alone", "two-receivers"])
 def test_sigterm_with_stalled_tls_handshakes(launch: Launch, workdir: Path, workers: int) -> None:
-    if not os.path.exists("/usr/sbin/smtp-sink"):
-        pytest.skip("smtp-sink is not installed (Debian package postfix; scripts/test installs it)")
     plain, starttls, implicit, admin, relay = free_ports(5)
     root = workdir / "gw"
     (root / "tls").mkdir(parents=True)

@@ -189,14 +189,14 @@ def relaygw_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]
     return done
 
 
-def reloads(proc: RelaygwProcess) -> list[int]:
-    """The user count of every version of the users file the gateway logged taking."""
-    return [int(n) for n in re.findall(r"users file \S+ reloaded: (\d+) user", proc.output())]
-
-
-def refusals(proc: RelaygwProcess) -> list[str]:
-    """Every version of the users file the gateway logged as unreadable."""
-    return re.findall(r"users file not reloaded.*", proc.output())
+def versions_logged(proc: RelaygwProcess) -> tuple[list[int], list[str]]:
+    """
+    What the gateway logged of the users file's versions: the user count of
+    each one it took, and the line of each one it refused (unreadable).
+    """
+    output = proc.output()
+    return ([int(n) for n in re.findall(r"users file \S+ reloaded: (\d+) user", output)],
+            re.findall(r"users file not reloaded.*", output))  # fmt: skip
 
 
 class Versions:
@@ -215,10 +215,12 @@ class Versions:
         self._mark()
 
     def _mark(self) -> None:
-        self.seen, self.refused = len(reloads(self.proc)), len(refusals(self.proc))
+        taken, refused = versions_logged(self.proc)
+        self.seen, self.refused = len(taken), len(refused)
 
     def _new(self) -> tuple[list[int], list[str]]:
-        return reloads(self.proc)[self.seen:], refusals(self.proc)[self.refused:]
+        taken, refused = versions_logged(self.proc)
+        return taken[self.seen:], refused[self.refused:]
 
     def _wait(self, users: int | None) -> None:
         """Until the version with C{users} users is taken, or (C{None}) a version is refused."""

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.conftest import Launch, gateway_toml, maildir_messages, smtp
 from tests.servers.ports import free_ports, wait_until
-from tests.servers.relaygw import RelaygwProcess
+from tests.servers.procstats import receiving_workers, socket_inodes, tcp4
 
 pytestmark = pytest.mark.e2e
 
@@ -52,46 +52,9 @@ max_connections_per_ip = 100
 """
 
 
-def _children(pid: int) -> dict[int, str]:
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if int(stat[1]) == pid:
-            found[int(entry)] = cmdline
-    return found
-
-
-def _workers(gw: RelaygwProcess) -> list[int]:
-    return sorted(pid for pid, cmd in _children(gw.pid).items() if "relaygw.receiver" in cmd)
-
-
-def _socket_inodes(pid: int) -> set[str]:
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[len("socket:["):-1])
-    return inodes
-
-
 def _established(port: int) -> set[str]:
     """Inodes of the server ends of established connections on C{port} (IPv4)."""
-    inodes = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        local, state, inode = fields[1], fields[3], fields[9]
-        if state == "01" and int(local.split(":")[1], 16) == port:
-            inodes.add(inode)
-    return inodes
+    return {t.inode for t in tcp4() if t.state == "ESTABLISHED" and t.local[1] == port}
 
 
 def _scrape(admin: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -106,10 +69,10 @@ def _scrape(admin: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 def test_workers_share_the_sockets(launch: Launch, workdir: Path) -> None:
     port, admin = free_ports(2)
     gw = launch(workdir / "gw", _config(port, admin, "one"), [port])
-    wait_until(lambda: len(_workers(gw)) == 2, 20, what="two receiving workers")
+    wait_until(lambda: len(receiving_workers(gw.pid)) == 2, 20, what="two receiving workers")
     wait_until(lambda: gw.output().count("relaygw ready") == 3, 20,
                what="the parent and both workers to be ready")
-    workers = _workers(gw)
+    workers = receiving_workers(gw.pid)
 
     # Concurrent sessions, each in the middle of a transaction: who holds them?
     def opened(_: int) -> smtplib.SMTP:
@@ -125,7 +88,7 @@ def test_workers_share_the_sockets(launch: Launch, workdir: Path) -> None:
         with ThreadPoolExecutor(10) as pool:
             clients = list(pool.map(opened, range(SESSIONS)))
         open_ends = _established(port)
-        holders = {pid for pid in [gw.pid, *workers] if _socket_inodes(pid) & open_ends}
+        holders = {pid for pid in [gw.pid, *workers] if socket_inodes(pid) & open_ends}
         assert len(holders) >= 2, f"all {SESSIONS} sessions in one process"
         for n, client in enumerate(clients):
             assert client.rcpt(f"user{n}@example.test")[0] == 250
@@ -154,7 +117,7 @@ def test_workers_share_the_sockets(launch: Launch, workdir: Path) -> None:
     gw.send_signal(signal.SIGHUP)
     wait_until(lambda: gw.output().count("configuration reloaded") >= 3, 20,
                what="the parent and both workers to reload")
-    assert _workers(gw) == workers  # the same sockets: the same workers
+    assert receiving_workers(gw.pid) == workers  # the same sockets: the same workers
     for _ in range(20):
         client, code, banner = smtp(port)
         assert code == 220 and b"two" in banner, banner
@@ -162,14 +125,17 @@ def test_workers_share_the_sockets(launch: Launch, workdir: Path) -> None:
 
     # A worker killed is replaced; the gateway keeps serving meanwhile.
     os.kill(workers[0], signal.SIGKILL)
-    wait_until(lambda: len(_workers(gw)) == 2 and workers[0] not in _workers(gw), 20,
-               what="the killed worker replaced")
+    def replaced() -> bool:
+        now = receiving_workers(gw.pid)
+        return len(now) == 2 and workers[0] not in now
+
+    wait_until(replaced, 20, what="the killed worker replaced")
     for _ in range(5):
         client, code, _ = smtp(port)
         assert code == 220
         client.quit()
 
-    last = _workers(gw)
+    last = receiving_workers(gw.pid)
     assert gw.stop(timeout=40) == 0
     time.sleep(0.2)
     assert not [pid for pid in last if Path(f"/proc/{pid}").exists()
