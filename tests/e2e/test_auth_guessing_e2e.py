@@ -27,11 +27,11 @@ import pytest
 from ldap3 import MODIFY_REPLACE, Connection, Server, Tls
 
 from tests.e2e.conftest import LOCAL_MAILDIR, Launch, gateway_toml
-from tests.e2e.test_workers_e2e import _established, _socket_inodes, _workers
 from tests.servers import samba_ad as A
 from tests.servers import slapd as S
 from tests.servers.dirtest import unavailable
 from tests.servers.ports import free_ports, wait_until
+from tests.servers.procstats import established, receiving_workers, socket_inodes
 from tests.servers.relaygw import RelaygwProcess
 from tests.servers.smtp_clients import LineClient, client_context, plain_blob, wait_for_banner
 
@@ -115,8 +115,8 @@ def _who_holds(port: int, processes: set[int], holders: list[set[int]]) -> Calla
     """A barrier action: adds to C{holders} which of C{processes} hold a connection to C{port}."""
 
     def record() -> None:
-        open_ends = _established(port)
-        holders.append({pid for pid in processes if _socket_inodes(pid) & open_ends})
+        open_ends = established(port)
+        holders.append({pid for pid in processes if socket_inodes(pid) & open_ends})
 
     return record
 
@@ -215,7 +215,7 @@ def test_ad_guesses_spread_over_receiving_processes_never_lock_the_account(
                         _directory("active-directory", samba_dc.ldaps_url, samba_dc.ca_file,
                                    A.BASE_DN, A.SERVICE_DN), A.SERVICE_PASSWORD,
                         workers=WORKERS)  # fmt: skip
-    processes = {gw.pid, *_workers(gw)}
+    processes = {gw.pid, *receiving_workers(gw.pid)}
     assert len(processes) == WORKERS
     holders: list[set[int]] = []
     names = ("bob", "EXAMPLE\\bob", "bob@example.test")
@@ -324,7 +324,7 @@ def test_ldap_guesses_spread_over_receiving_processes(
     gw, port = _gateway(module_launch, module_workdir / "ldap-workers",
                         _directory("ldap", slapd.ldap_url, slapd.ca_file, S.BASE_DN,
                                    S.SERVICE_DN), S.SERVICE_PASSWORD, workers=WORKERS)  # fmt: skip
-    processes = {gw.pid, *_workers(gw)}
+    processes = {gw.pid, *receiving_workers(gw.pid)}
     assert len(processes) == WORKERS
     found: dict[str, int] = {}
     for round_, (uid, names) in enumerate(NAMES.items()):

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.conftest import Launch, gateway_toml, maildir_messages, smtp
 from tests.servers.ports import free_ports, wait_until
-from tests.servers.procstats import receiving_workers, socket_inodes, tcp4
+from tests.servers.procstats import established, receiving_workers, socket_inodes
 
 pytestmark = pytest.mark.e2e
 
@@ -50,11 +50,6 @@ tls = "off"
 banner = "{{fqdn}} {banner}"
 max_connections_per_ip = 100
 """
-
-
-def _established(port: int) -> set[str]:
-    """Inodes of the server ends of established connections on C{port} (IPv4)."""
-    return {t.inode for t in tcp4() if t.state == "ESTABLISHED" and t.local[1] == port}
 
 
 def _scrape(admin: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -87,7 +82,7 @@ def test_workers_share_the_sockets(launch: Launch, workdir: Path) -> None:
         # At once, as a load arrives: each process accepts while it is free.
         with ThreadPoolExecutor(10) as pool:
             clients = list(pool.map(opened, range(SESSIONS)))
-        open_ends = _established(port)
+        open_ends = established(port)
         holders = {pid for pid in [gw.pid, *workers] if socket_inodes(pid) & open_ends}
         assert len(holders) >= 2, f"all {SESSIONS} sessions in one process"
         for n, client in enumerate(clients):

@@ -115,3 +115,8 @@ def tcp4() -> Iterator[TcpSocket]:
         fields = line.split()
         yield TcpSocket(address(fields[1]), address(fields[2]),
                         _TCP_STATES.get(int(fields[3], 16), fields[3]), fields[9])  # fmt: skip
+
+
+def established(port: int) -> set[str]:
+    """Inodes of the server ends of established connections on C{port} (IPv4)."""
+    return {t.inode for t in tcp4() if t.state == "ESTABLISHED" and t.local[1] == port}
